@@ -11,6 +11,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.identity.identify import identify as _identify
 from libp2p.network.config import ConnectionConfig
 
+from knexa.net.traffic import CountingTCP, TrafficCounter
 from knexa.net.version import AGENT_VERSION
 
 
@@ -34,7 +35,11 @@ def connection_config() -> ConnectionConfig:
     return ConnectionConfig(max_connections_per_peer=1)
 
 
-def build_host(key_pair: KeyPair, listen_addrs: Sequence[multiaddr.Multiaddr]) -> IHost:
+def build_host(
+    key_pair: KeyPair,
+    listen_addrs: Sequence[multiaddr.Multiaddr],
+    traffic: TrafficCounter | None = None,
+) -> IHost:
     """A host for `key_pair`; start it with `async with host.run(listen_addrs)`."""
     # py-libp2p reads the agent version it announces in identify from this
     # module global; there is no constructor argument for it.
@@ -45,4 +50,5 @@ def build_host(key_pair: KeyPair, listen_addrs: Sequence[multiaddr.Multiaddr]) -
         connection_config=connection_config(),
         enable_mDNS=False,
         enable_upnp=False,
+        transports=[CountingTCP(traffic or TrafficCounter())],
     )

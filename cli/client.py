@@ -1,0 +1,67 @@
+"""Finding and calling the running daemon's local API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from knexa.node.config import NodeConfig
+from knexa.node.daemon import STATE_FILE, TOKEN_FILE
+
+
+class ApiError(Exception):
+    """The daemon could not be reached or refused the request; the message is for the user."""
+
+
+def _api_url(config: NodeConfig, override: str | None) -> str:
+    if override:
+        return override.rstrip("/")
+    try:
+        state = json.loads((config.data_dir / STATE_FILE).read_text())
+        if state.get("api"):
+            return str(state["api"]).rstrip("/")
+    except (OSError, ValueError):
+        pass
+    return f"http://{config.api_host}:{config.api_port}"
+
+
+def _token(data_dir: Path, override: str | None) -> str | None:
+    if override:
+        return override
+    if os.environ.get("KNEXA_API_TOKEN"):
+        return os.environ["KNEXA_API_TOKEN"]
+    try:
+        return (data_dir / TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+class ApiClient:
+    def __init__(self, config: NodeConfig, api: str | None = None, token: str | None = None) -> None:
+        self.url = _api_url(config, api)
+        self.token = _token(config.data_dir, token)
+
+    def get(self, path: str, timeout_s: float = 5.0) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = httpx.get(self.url + path, headers=headers, timeout=timeout_s)
+        except httpx.ConnectError:
+            raise ApiError(f"knexa-node is not running (no daemon answers at {self.url})") from None
+        except httpx.TimeoutException:
+            raise ApiError(f"the daemon at {self.url} did not answer within {timeout_s:.0f}s") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the daemon at {self.url}: {exc}") from None
+        if response.status_code == 401:
+            raise ApiError(
+                f"the daemon at {self.url} refused the API token "
+                "(check --token, KNEXA_API_TOKEN or the data dir's api.token)"
+            )
+        if response.status_code >= 400:
+            raise ApiError(f"the daemon answered {response.status_code} for {path}: {response.text[:200]}")
+        if path == "/metrics":
+            return response.text
+        return response.json()

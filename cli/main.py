@@ -1,0 +1,229 @@
+"""The `knexa-node` command line: thin wrappers over the daemon and its local API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from knexa.net.identity import IdentityError, load_or_create_identity, peer_id_of
+from knexa.net.version import KNEXA_VERSION
+
+app = typer.Typer(
+    name="knexa-node",
+    help="knexa-node: a peer-to-peer runtime for collaborating edge LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+if not console.is_terminal:
+    # Piped output goes to scripts and logs: never cut a table at 80 columns.
+    console.width = 200
+err_console = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", "-d", help="Node data directory [default: the user data dir]."),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file [default: <data dir>/config.toml]."),
+]
+Api = Annotated[str | None, typer.Option("--api", help="Daemon API URL [default: from the data dir].")]
+Token = Annotated[
+    str | None, typer.Option("--token", help="API token [default: KNEXA_API_TOKEN or <data dir>/api.token].")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"error: {message}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+def _config(data_dir: Path | None, config: Path | None, **overrides: Any):
+    from knexa.node.config import ConfigError, load_config
+
+    try:
+        return load_config(config, data_dir, overrides)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def _client(data_dir: Path | None, config: Path | None, api: str | None, token: str | None):
+    from knexa.cli.client import ApiClient
+
+    return ApiClient(_config(data_dir, config), api, token)
+
+
+def _get(client: Any, path: str) -> Any:
+    from knexa.cli.client import ApiError
+
+    try:
+        return client.get(path)
+    except ApiError as exc:
+        fail(str(exc))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def start(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    listen: Annotated[
+        list[str] | None,
+        typer.Option("--listen", "-l", help="Multiaddr to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4001]."),
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option("--bootstrap", "-b", help="Bootstrap peer multiaddr with /p2p/<id> (repeatable)."),
+    ] = None,
+    api_host: Annotated[str | None, typer.Option(help="Local API interface [default: 127.0.0.1].")] = None,
+    api_port: Annotated[int | None, typer.Option(help="Local API port, 0 for any [default: 7700].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [default: info].")] = None,
+    ping_interval: Annotated[float | None, typer.Option(help="Seconds between pings to each peer [default: 5].")] = None,
+) -> None:
+    """Run the daemon in the foreground until SIGINT or SIGTERM."""
+    import trio
+
+    from knexa.node.daemon import Daemon, DaemonError, run_until_signal
+    from knexa.node.logs import setup_logging
+
+    cfg = _config(
+        data_dir,
+        config,
+        listen=listen,
+        bootstrap=bootstrap,
+        api_host=api_host,
+        api_port=api_port,
+        log_level=log_level,
+        ping_interval_s=ping_interval,
+    )
+    setup_logging(cfg.log_level)
+    try:
+        daemon = Daemon(cfg)
+        trio.run(run_until_signal, daemon)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except BaseException as exc:  # noqa: BLE001 - turn known failures into one line
+        user_error = _find(exc, (DaemonError, IdentityError))
+        if user_error is None:
+            raise
+        fail(str(user_error))
+
+
+def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first `kinds` exception in `exc`, looking inside trio's exception groups."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
+@app.command("id")
+def id_(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """Print this node's peer id and its listen and observed addresses."""
+    from knexa.cli.client import ApiClient, ApiError
+
+    cfg = _config(data_dir, config)
+    try:
+        peer_id = str(peer_id_of(load_or_create_identity(cfg.data_dir)))
+    except IdentityError as exc:
+        fail(str(exc))
+    try:
+        node = ApiClient(cfg, api, token).get("/v1/node")
+        running, listen, observed = True, node["listen_addrs"], node["observed_addrs"]
+    except ApiError:
+        running, listen, observed = False, cfg.listen, []
+    if json_:
+        _print_json({"peer_id": peer_id, "running": running, "listen_addrs": listen, "observed_addrs": observed})
+        return
+    console.print(peer_id, highlight=False)
+    note = "" if running else " (configured; the daemon is not running)"
+    console.print(f"listen{note}:", highlight=False)
+    for addr in listen:
+        console.print(f"  {addr}", highlight=False)
+    if running:
+        console.print("observed:" if observed else "observed: none yet", highlight=False)
+        for addr in observed:
+            console.print(f"  {addr}", highlight=False)
+
+
+@app.command()
+def peers(
+    data_dir: DataDir = None, config: ConfigFile = None, api: Api = None, token: Token = None, json_: Json = False
+) -> None:
+    """Show the peers this node is connected to."""
+    from knexa.cli.render import print_peers
+
+    client = _client(data_dir, config, api, token)
+    listing = _get(client, "/v1/peers")["peers"]
+    if json_:
+        _print_json(listing)
+        return
+    print_peers(console, _get(client, "/v1/node"), listing)
+
+
+@app.command()
+def status(
+    data_dir: DataDir = None, config: ConfigFile = None, api: Api = None, token: Token = None, json_: Json = False
+) -> None:
+    """Summarise the running node."""
+    from knexa.cli.render import print_status
+
+    node = _get(_client(data_dir, config, api, token), "/v1/node")
+    if json_:
+        _print_json(node)
+        return
+    print_status(console, node)
+
+
+@app.command()
+def testnet(
+    nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=32, help="How many daemons.")] = 3,
+    keep: Annotated[bool, typer.Option(help="Keep the mesh running until Ctrl-C.")] = False,
+    base_dir: Annotated[
+        Path | None, typer.Option(help="Where the nodes' data dirs go [default: a temporary dir].")
+    ] = None,
+) -> None:
+    """Start a local mesh of daemons on loopback, wait until they all see each other, show it."""
+    from knexa.node.testnet import TestnetError, run_testnet
+
+    try:
+        run_testnet(nodes, keep=keep, base_dir=base_dir, console=console)
+    except TestnetError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"knexa-node {KNEXA_VERSION}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

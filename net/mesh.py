@@ -1,0 +1,307 @@
+"""The node's view of the libp2p mesh: connections, RTTs, agents, bootstrap links."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.peer.id import ID as PeerID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.utils.varint import read_length_prefixed_protobuf
+
+from knexa.net.backoff import Backoff
+from knexa.net.peers import PeerConnection, PeerTable, connection_kind
+
+log = logging.getLogger("knexa.mesh")
+
+PING_SIZE = 32
+DIAL_TIMEOUT_S = 5.0
+IDENTIFY_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _ConnEvent:
+    up: bool
+    conn: INetConn
+
+
+class _Notifee(INotifee):
+    """Forwards connection events from the swarm to the mesh's own task."""
+
+    def __init__(self, send: trio.MemorySendChannel[_ConnEvent]) -> None:
+        self._send = send
+
+    def _post(self, event: _ConnEvent) -> None:
+        try:
+            self._send.send_nowait(event)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.warning("event=conn_event_dropped reason=queue_full_or_closed")
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._post(_ConnEvent(True, conn))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._post(_ConnEvent(False, conn))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+def _describe(conn: INetConn) -> tuple[str, str]:
+    addrs = conn.get_transport_addresses()
+    address = str(addrs[0]) if addrs else "unknown"
+    direction = str(getattr(conn, "direction", "unknown")).lower()
+    return address, direction.rsplit(".", 1)[-1]
+
+
+class Mesh:
+    """Tracks connected peers and keeps the links to bootstrap peers up.
+
+    Run it inside the host's lifetime: `await nursery.start(mesh.run)`.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        bootstrap: Sequence[multiaddr.Multiaddr] = (),
+        *,
+        ping_interval_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.bootstrap = list(bootstrap)
+        self.ping_interval_s = ping_interval_s
+        self.table = PeerTable()
+        self.connects = 0
+        self.disconnects = 0
+        self._peer_scopes: dict[str, trio.CancelScope] = {}
+        self._peer_gone: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- queries ---------------------------------------------------------
+    def peers(self) -> list[PeerConnection]:
+        return self.table.snapshot()
+
+    def streams_open(self) -> int:
+        return sum(
+            len(c.get_streams()) for c in self.host.get_network().get_connections()
+        )
+
+    def observed_addrs(self) -> list[str]:
+        """Our own addresses as peers reported seeing them through identify."""
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is None:
+            return []
+        try:
+            return [str(a) for a in manager.addrs(min_observers=1)]
+        except Exception:  # observed-address bookkeeping is best effort
+            return []
+
+    # -- lifecycle -------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[_ConnEvent](1024)
+        notifee = _Notifee(send)
+        network = self.host.get_network()
+        network.register_notifee(notifee)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for conn in network.get_connections():
+                    self._on_up(conn)
+                nursery.start_soon(self._consume, receive)
+                for addr in self.bootstrap:
+                    nursery.start_soon(self._keep_bootstrap_link, addr)
+                task_status.started()
+        finally:
+            self._nursery = None
+            remove = getattr(network, "remove_notifee", None)
+            if remove is not None:
+                remove(notifee)
+            send.close()
+
+    async def connect(self, addr: multiaddr.Multiaddr, timeout_s: float = DIAL_TIMEOUT_S) -> str:
+        """Dial a /p2p multiaddr; returns the peer id. Raises ConnectionError."""
+        info = info_from_p2p_addr(addr)
+        # Our own backoff decides when to retry; the swarm's negative cache would
+        # otherwise refuse redials to a peer that failed once for a whole minute.
+        network = self.host.get_network()
+        if hasattr(network, "unblock_peer"):
+            network.unblock_peer(info.peer_id)
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                await self.host.connect(info)
+            except Exception as exc:
+                raise ConnectionError(_reason(exc)) from None
+        if scope.cancelled_caught:
+            raise ConnectionError(f"no answer within {timeout_s:.0f}s")
+        return str(info.peer_id)
+
+    # -- internals -------------------------------------------------------
+    async def _consume(self, receive: trio.MemoryReceiveChannel[_ConnEvent]) -> None:
+        async with receive:
+            async for event in receive:
+                if event.up:
+                    self._on_up(event.conn)
+                else:
+                    self._on_down(event.conn)
+
+    def _on_up(self, conn: INetConn) -> None:
+        peer_id = str(conn.muxed_conn.peer_id)
+        address, direction = _describe(conn)
+        record = PeerConnection(peer_id, address, connection_kind(address), direction)
+        if not self.table.connected(record):
+            return
+        self.connects += 1
+        log.info("event=connect peer=%s addr=%s direction=%s", peer_id, address, direction)
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._peer_scopes[peer_id] = scope
+        self._peer_gone[peer_id] = trio.Event()
+        self._nursery.start_soon(self._watch_peer, conn.muxed_conn.peer_id, scope)
+
+    def _on_down(self, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if self.host.get_network().get_connections(peer):
+            return  # another connection to the same peer is still up
+        peer_id = str(peer)
+        record = self.table.disconnected(peer_id)
+        if record is None:
+            return
+        self.disconnects += 1
+        log.info(
+            "event=disconnect peer=%s addr=%s after_s=%.1f",
+            peer_id,
+            record.address,
+            time.time() - record.connected_at,
+        )
+        scope = self._peer_scopes.pop(peer_id, None)
+        if scope is not None:
+            scope.cancel()
+        gone = self._peer_gone.pop(peer_id, None)
+        if gone is not None:
+            gone.set()
+
+    async def _watch_peer(self, peer: PeerID, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._read_agent(peer)
+            await self._ping_loop(peer)
+
+    async def _read_agent(self, peer: PeerID) -> None:
+        record = self.table.get(str(peer))
+        with trio.move_on_after(IDENTIFY_TIMEOUT_S):
+            try:
+                stream = await self.host.new_stream(peer, [IDENTIFY_PROTOCOL])
+                try:
+                    data = await read_length_prefixed_protobuf(stream, use_varint_format=True)
+                finally:
+                    await stream.close()
+                message = Identify()
+                message.ParseFromString(data)
+                if record is not None:
+                    record.agent = message.agent_version or None
+            except Exception as exc:
+                log.debug("event=identify_failed peer=%s reason=%s", peer, _reason(exc))
+
+    async def _ping_loop(self, peer: PeerID) -> None:
+        """Measure RTT on one reused ping stream (a new stream costs 6-25 ms)."""
+        stream: INetStream | None = None
+        try:
+            while True:
+                rtt_ms = None
+                with trio.move_on_after(DIAL_TIMEOUT_S):
+                    try:
+                        if stream is None:
+                            stream = await self.host.new_stream(peer, [PING_PROTOCOL])
+                        payload = os.urandom(PING_SIZE)
+                        started = time.perf_counter()
+                        await stream.write(payload)
+                        echo = await _read_exactly(stream, PING_SIZE)
+                        if echo == payload:
+                            rtt_ms = (time.perf_counter() - started) * 1000
+                    except Exception as exc:
+                        log.debug("event=ping_failed peer=%s reason=%s", peer, _reason(exc))
+                if rtt_ms is None and stream is not None:
+                    await _reset_quietly(stream)
+                    stream = None
+                record = self.table.get(str(peer))
+                if record is not None and rtt_ms is not None:
+                    record.rtt_ms = round(rtt_ms, 3)
+                await trio.sleep(self.ping_interval_s)
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _reset_quietly(stream)
+
+    async def _keep_bootstrap_link(self, addr: multiaddr.Multiaddr) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                peer_id = await self.connect(addr)
+            except ConnectionError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "event=bootstrap_unreachable addr=%s reason=%s retry_in_s=%.1f",
+                    addr,
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            # The notifee may not have delivered the connect event yet.
+            while peer_id not in self.table:
+                await trio.sleep(0.05)
+                if not self.host.get_network().get_connections(PeerID.from_base58(peer_id)):
+                    break
+            gone = self._peer_gone.get(peer_id)
+            if gone is not None:
+                await gone.wait()
+                log.info("event=bootstrap_lost addr=%s", addr)
+            await trio.sleep(backoff.next_delay())
+
+
+async def _read_exactly(stream: INetStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError("stream closed")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:  # the stream may already be gone with its connection
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason, digging through py-libp2p's wrapped exceptions."""
+    parts = []
+    seen = set()
+    while exc is not None and id(exc) not in seen and len(parts) < 4:
+        seen.add(id(exc))
+        text = str(exc).strip() or type(exc).__name__
+        if text not in parts:
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return ": ".join(parts).replace("\n", " ")[:300]

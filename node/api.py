@@ -1,0 +1,98 @@
+"""The local HTTP API: an ASGI app served by Hypercorn on the daemon's trio loop."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from knexa.net.version import KNEXA_VERSION
+
+if TYPE_CHECKING:
+    from knexa.node.daemon import Daemon
+
+
+class Health(BaseModel):
+    status: str
+    peer_id: str
+
+
+class NodeInfo(BaseModel):
+    peer_id: str
+    version: str
+    agent: str
+    listen_addrs: list[str]
+    observed_addrs: list[str]
+    api: str
+    uptime_s: float
+    started_at: float
+    peers_connected: int
+    bootstrap: list[str]
+    bytes_in: int
+    bytes_out: int
+    streams_open: int
+
+
+class Peer(BaseModel):
+    peer_id: str
+    address: str
+    kind: str
+    direction: str
+    connected_at: float
+    rtt_ms: float | None
+    agent: str | None
+
+
+class Peers(BaseModel):
+    peers: list[Peer]
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    app = FastAPI(
+        title="knexa-node local API",
+        version=KNEXA_VERSION,
+        description="Control and inspect the local knexa-node daemon. "
+        "Every endpoint but /v1/health needs `Authorization: Bearer <token>`; "
+        "the token is in the file `api.token` of the node's data directory.",
+    )
+
+    def require_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    ) -> None:
+        if credentials is None or not secrets.compare_digest(
+            credentials.credentials.encode(), daemon.api_token.encode()
+        ):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong API token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    authed = [Depends(require_token)]
+
+    @app.get("/v1/health", response_model=Health)
+    async def health() -> Any:
+        return {"status": "ok", "peer_id": daemon.peer_id}
+
+    @app.get("/v1/node", response_model=NodeInfo, dependencies=authed)
+    async def node() -> Any:
+        return daemon.node_info()
+
+    @app.get("/v1/peers", response_model=Peers, dependencies=authed)
+    async def peers() -> Any:
+        return {"peers": [p.to_dict() for p in daemon.mesh.peers()]}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)
+    async def metrics(request: Request) -> Any:
+        return PlainTextResponse(
+            daemon.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return app

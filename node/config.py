@@ -1,0 +1,124 @@
+"""Node configuration: defaults, a TOML file, then command-line flags on top."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from knexa.net.host import AddressError, parse_multiaddr
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+DEFAULT_API_PORT = 7700
+CONFIG_FILE = "config.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """The configuration (file or flags) is invalid; the message says where."""
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("knexa-node", appauthor=False))
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    bootstrap: list[str] = field(default_factory=list)
+    api_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    log_level: str = "info"
+    ping_interval_s: float = 5.0
+
+    def validate(self) -> NodeConfig:
+        if not self.listen:
+            raise ConfigError("at least one listen address is required")
+        try:
+            for text in self.listen:
+                parse_multiaddr(text)
+            for text in self.bootstrap:
+                parse_multiaddr(text, need_peer_id=True)
+        except AddressError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api_port {self.api_port} is not a TCP port")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.ping_interval_s <= 0:
+            raise ConfigError("ping_interval_s must be positive")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    expected = NodeConfig.__dataclass_fields__[name].type
+    if name == "data_dir":
+        return Path(value).expanduser()
+    if expected == "list[str]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings")
+        return value
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer")
+        return value
+    if expected == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string")
+    return value
+
+
+def load_config(
+    config_file: Path | None = None,
+    data_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> NodeConfig:
+    """Defaults < config file < flags. Flags given as None are not set.
+
+    The file is `config_file` if given, else `<data dir>/config.toml` if present.
+    """
+    values: dict[str, Any] = {}
+    base_dir = data_dir if data_dir is not None else default_data_dir()
+    path = config_file if config_file is not None else base_dir / CONFIG_FILE
+    if config_file is not None or path.exists():
+        values.update(_read_toml(path))
+    for name, value in (overrides or {}).items():
+        if value is not None and value != []:
+            values[name] = value
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+    config = NodeConfig(**{name: _coerce(name, v) for name, v in values.items()})
+    return config.validate()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    # Accept both a flat file and one with a [node] table.
+    node = data.get("node", data)
+    if not isinstance(node, dict):
+        raise ConfigError(f"config file {path}: [node] must be a table")
+    return {k.replace("-", "_"): v for k, v in node.items()}

@@ -1,0 +1,228 @@
+"""The knexa-node daemon: one libp2p host, the mesh view and the local API, under trio."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from knexa.net.host import build_host, parse_multiaddr
+from knexa.net.identity import load_or_create_identity, peer_id_of
+from knexa.net.mesh import Mesh
+from knexa.net.traffic import TrafficCounter
+from knexa.net.version import AGENT_VERSION, KNEXA_VERSION
+from knexa.node.api import create_app
+from knexa.node.config import NodeConfig
+from knexa.node.metrics import NodeMetrics
+
+log = logging.getLogger("knexa.daemon")
+
+TOKEN_FILE = "api.token"
+STATE_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
+
+
+class DaemonError(Exception):
+    """A condition that stops the daemon from starting; the message is for the user."""
+
+
+def load_or_create_token(data_dir: Path) -> str:
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+class _DataDirLock:
+    """One daemon per data directory: a second would fight over identity and state."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"another knexa-node daemon is already running with data dir {self._path.parent}"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _tcp_endpoint(addr: multiaddr.Multiaddr) -> tuple[int, str, int] | None:
+    protocols = [p.name for p in addr.protocols()]
+    if "tcp" not in protocols:
+        return None
+    if "ip4" in protocols:
+        return socket.AF_INET, addr.value_for_protocol("ip4"), int(addr.value_for_protocol("tcp"))
+    if "ip6" in protocols:
+        return socket.AF_INET6, addr.value_for_protocol("ip6"), int(addr.value_for_protocol("tcp"))
+    return None
+
+
+def check_can_listen(addr: multiaddr.Multiaddr) -> None:
+    """Fail early with the OS's reason: py-libp2p only logs a failed listen and runs on."""
+    endpoint = _tcp_endpoint(addr)
+    if endpoint is None:
+        raise DaemonError(f"cannot listen on {addr}: only /ip4 or /ip6 TCP addresses are supported")
+    family, ip, port = endpoint
+    if port == 0:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise DaemonError(f"cannot listen on {addr}: {reason}") from None
+
+
+class Daemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _DataDirLock(config.data_dir)
+        self.key_pair = load_or_create_identity(config.data_dir)
+        self.peer_id = str(peer_id_of(self.key_pair))
+        self.api_token = load_or_create_token(config.data_dir)
+        self.traffic = TrafficCounter()
+        self.listen_addrs = [parse_multiaddr(a) for a in config.listen]
+        self.bootstrap_addrs = [parse_multiaddr(a, need_peer_id=True) for a in config.bootstrap]
+        self.host = build_host(self.key_pair, self.listen_addrs, self.traffic)
+        self.mesh = Mesh(self.host, self.bootstrap_addrs, ping_interval_s=config.ping_interval_s)
+        self.started_at = time.time()
+        self.metrics = NodeMetrics(self.mesh, self.traffic, self.started_at)
+        self.api_url = ""
+
+    # -- what the API and CLI show ------------------------------------------
+    def node_info(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "version": KNEXA_VERSION,
+            "agent": AGENT_VERSION,
+            "listen_addrs": [str(a) for a in self.host.get_addrs()],
+            "observed_addrs": self.mesh.observed_addrs(),
+            "api": self.api_url,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "started_at": self.started_at,
+            "peers_connected": len(self.mesh.table),
+            "bootstrap": [str(a) for a in self.bootstrap_addrs],
+            "bytes_in": self.traffic.bytes_in,
+            "bytes_out": self.traffic.bytes_out,
+            "streams_open": self.mesh.streams_open(),
+        }
+
+    # -- lifecycle -----------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Raises DaemonError if the node cannot start."""
+        self._lock.acquire()
+        try:
+            for addr in self.listen_addrs:
+                check_can_listen(addr)
+            async with self.host.run(self.listen_addrs):
+                self._check_listening()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.mesh.run)
+                    binds = await nursery.start(self._serve_api)
+                    self.api_url = binds[0]
+                    self._write_state()
+                    log.info(
+                        "event=started peer=%s listen=%s api=%s",
+                        self.peer_id,
+                        ",".join(str(a) for a in self.host.get_addrs()),
+                        self.api_url,
+                    )
+                    task_status.started()
+        finally:
+            (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
+            self._lock.release()
+
+    def _check_listening(self) -> None:
+        bound = self.host.get_transport_addrs()
+        if len(bound) < len(self.listen_addrs):
+            raise DaemonError(
+                "cannot listen on "
+                + ", ".join(str(a) for a in self.listen_addrs)
+                + f" (bound only {', '.join(str(a) for a in bound) or 'nothing'})"
+            )
+
+    async def _serve_api(self, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        host, port = self.config.api_host, self.config.api_port
+        if not _is_loopback(host):
+            log.warning("event=api_public host=%s reason=configured_explicitly", host)
+        config = HypercornConfig()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = 1.0
+        try:
+            await serve(create_app(self), config, task_status=task_status)
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise DaemonError(f"cannot serve the local API on {host}:{port}: {reason}") from None
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "api": self.api_url,
+            "listen_addrs": [str(a) for a in self.host.get_addrs()],
+        }
+        path = self.config.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def run_until_signal(daemon: Daemon) -> None:
+    """Run the daemon in the foreground; SIGINT or SIGTERM stops it cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+    log.info("event=stopped peer=%s", daemon.peer_id)

@@ -1,0 +1,145 @@
+"""A local mesh of real daemons on loopback: what `knexa-node testnet` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from knexa.cli.render import print_peers
+from knexa.node.daemon import STATE_FILE, TOKEN_FILE
+
+START_TIMEOUT_S = 30.0
+MESH_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+MAX_BOOTSTRAP_LINKS = 3
+
+
+class TestnetError(Exception):
+    __test__ = False  # not a pytest test class
+
+
+@dataclass
+class LocalNode:
+    index: int
+    data_dir: Path
+    process: subprocess.Popen
+    api: str = ""
+    token: str = ""
+    addr: str = ""
+
+    def get(self, path: str) -> dict:
+        response = httpx.get(self.api + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+
+def start_daemon(data_dir: Path, bootstrap: list[str], log_path: Path, extra: list[str] | None = None) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "knexa.cli.main", "start",
+        "--data-dir", str(data_dir),
+        "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--api-port", "0",
+        "--ping-interval", "1",
+    ]
+    for addr in bootstrap:
+        command += ["--bootstrap", addr]
+    command += extra or []
+    with log_path.open("ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_started(node: LocalNode, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    state_path = node.data_dir / STATE_FILE
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise TestnetError(
+                f"node {node.index} exited with code {node.process.returncode}; "
+                f"see {node.data_dir / 'daemon.log'}"
+            )
+        try:
+            state = json.loads(state_path.read_text())
+            node.api, node.addr = state["api"], state["listen_addrs"][0]
+            node.token = (node.data_dir / TOKEN_FILE).read_text().strip()
+            return
+        except (OSError, ValueError, KeyError, IndexError):
+            time.sleep(0.1)
+    raise TestnetError(f"node {node.index} did not start within {timeout_s:.0f}s")
+
+
+def stop_daemon(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> float:
+    """SIGTERM, then the seconds it took to exit; SIGKILL if it overruns."""
+    started = time.monotonic()
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return time.monotonic() - started
+
+
+def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Console) -> None:
+    with ExitStack() as stack:
+        if base_dir is None:
+            base_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="knexa-testnet-")))
+        nodes: list[LocalNode] = []
+        stack.callback(lambda: [stop_daemon(n.process) for n in nodes])
+        started = time.monotonic()
+        for index in range(count):
+            data_dir = base_dir / f"node-{index}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # Each node dials a few earlier ones, so the mesh is connected without
+            # every node depending on node 0.
+            bootstrap = [n.addr for n in nodes[-MAX_BOOTSTRAP_LINKS:]]
+            process = start_daemon(data_dir, bootstrap, data_dir / "daemon.log")
+            node = LocalNode(index, data_dir, process)
+            nodes.append(node)
+            wait_until_started(node)
+            console.print(f"started node {index}: {node.addr}", highlight=False)
+        wait_for_mesh(nodes, expected=min(count - 1, MAX_BOOTSTRAP_LINKS))
+        console.print(
+            f"\nmesh of {count} nodes formed in {time.monotonic() - started:.1f}s\n", highlight=False
+        )
+        time.sleep(1.2)  # one ping round, so the tables show RTTs
+        for node in nodes:
+            console.print(f"$ knexa-node peers --data-dir {node.data_dir}", highlight=False, style="dim")
+            print_peers(console, node.get("/v1/node"), node.get("/v1/peers")["peers"])
+            console.print()
+        if keep:
+            console.print("mesh running; Ctrl-C stops it", highlight=False)
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        took = [stop_daemon(n.process) for n in nodes]
+        console.print(f"stopped {count} nodes (slowest shutdown {max(took):.2f}s)", highlight=False)
+
+
+def wait_for_mesh(nodes: list[LocalNode], expected: int, timeout_s: float = MESH_TIMEOUT_S) -> None:
+    """Until every node has at least `expected` peers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = []
+        for node in nodes:
+            try:
+                counts.append(len(node.get("/v1/peers")["peers"]))
+            except httpx.HTTPError:
+                counts.append(-1)
+        if min(counts) >= expected:
+            return
+        time.sleep(0.2)
+    raise TestnetError(f"the mesh did not form within {timeout_s:.0f}s (peer counts: {counts})")
+
+
+if os.name != "posix":  # pragma: no cover
+    raise ImportError("the local testnet needs a POSIX system")
