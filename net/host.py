@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -52,3 +54,31 @@ def build_host(
         enable_upnp=False,
         transports=[CountingTCP(traffic or TrafficCounter())],
     )
+
+
+async def close_host(host: IHost, timeout_s: float = 2.0) -> None:
+    """Close connections and listening sockets before leaving `host.run()`.
+
+    py-libp2p's own teardown runs in the already-cancelled scope: a connection
+    gets marked closed before its socket is, every later close() then returns
+    early, the socket stays open and the peer never learns we left; the
+    listening socket stays open too, so a restart on the same port fails.
+    Closing each muxed connection (idempotent down to the socket) and then the
+    swarm, shielded and bounded, releases them.
+    """
+    log = logging.getLogger("knexa.host")
+    network = host.get_network()
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout_s) as scope:
+        async with trio.open_nursery() as nursery:
+            for conn in list(network.get_connections()):
+                nursery.start_soon(_close_quietly, conn.muxed_conn.close)
+        await _close_quietly(network.close)
+    if scope.cancelled_caught:
+        log.debug("event=close_timeout after_s=%s", timeout_s)
+
+
+async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await close()
+    except Exception as exc:  # teardown is best effort; the peer may be gone already
+        logging.getLogger("knexa.host").debug("event=close_failed reason=%s", exc)

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from knexa.net.host import build_host, parse_multiaddr
+from knexa.net.host import build_host, close_host, parse_multiaddr
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
 from knexa.net.traffic import TrafficCounter
@@ -151,19 +151,22 @@ class Daemon:
             for addr in self.listen_addrs:
                 check_can_listen(addr)
             async with self.host.run(self.listen_addrs):
-                self._check_listening()
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.mesh.run)
-                    binds = await nursery.start(self._serve_api)
-                    self.api_url = binds[0]
-                    self._write_state()
-                    log.info(
-                        "event=started peer=%s listen=%s api=%s",
-                        self.peer_id,
-                        ",".join(str(a) for a in self.host.get_addrs()),
-                        self.api_url,
-                    )
-                    task_status.started()
+                try:
+                    self._check_listening()
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self.mesh.run)
+                        binds = await nursery.start(self._serve_api)
+                        self.api_url = binds[0]
+                        self._write_state()
+                        log.info(
+                            "event=started peer=%s listen=%s api=%s",
+                            self.peer_id,
+                            ",".join(str(a) for a in self.host.get_addrs()),
+                            self.api_url,
+                        )
+                        task_status.started()
+                finally:
+                    await close_host(self.host)
         finally:
             (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
             self._lock.release()

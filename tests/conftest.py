@@ -1,0 +1,72 @@
+"""Fixtures shared by the daemon tests: real daemons in this process, on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from knexa.node.config import NodeConfig
+from knexa.node.daemon import Daemon
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@asynccontextmanager
+async def running_daemon(
+    data_dir: Path, bootstrap: list[str] | None = None, port: int = 0
+) -> AsyncIterator[Daemon]:
+    config = NodeConfig(
+        data_dir=data_dir,
+        listen=[f"/ip4/127.0.0.1/tcp/{port}"],
+        bootstrap=bootstrap or [],
+        api_port=0,
+        ping_interval_s=0.5,
+    ).validate()
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def p2p_addr(daemon: Daemon) -> str:
+    return str(daemon.host.get_addrs()[0])
+
+
+async def api_get(daemon: Daemon, path: str, token: str | None = "default") -> httpx.Response:
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {daemon.api_token if token == 'default' else token}"
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as client:
+        return await client.get(path, headers=headers)
+
+
+async def peer_ids_seen(daemon: Daemon) -> set[str]:
+    response = await api_get(daemon, "/v1/peers")
+    response.raise_for_status()
+    return {p["peer_id"] for p in response.json()["peers"]}
+
+
+async def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, step_s: float = 0.05) -> None:
+    """Poll an async or sync predicate until it is true; fail the test at the deadline."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            result = predicate()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return
+            await trio.sleep(step_s)
+    pytest.fail(f"condition not met within {timeout_s}s")
