@@ -24,7 +24,6 @@ console = Console()
 if not console.is_terminal:
     # Piped output goes to scripts and logs: never cut a table at 80 columns.
     console.width = 200
-err_console = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
@@ -42,7 +41,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"error: {message}", highlight=False, markup=False)
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
     raise typer.Exit(code)
 
 
@@ -95,6 +94,7 @@ def start(
     import trio
 
     from knexa.node.daemon import Daemon, DaemonError, run_until_signal
+    from knexa.node.errors import find_exception
     from knexa.node.logs import setup_logging
 
     cfg = _config(
@@ -114,22 +114,10 @@ def start(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except BaseException as exc:  # noqa: BLE001 - turn known failures into one line
-        user_error = _find(exc, (DaemonError, IdentityError))
+        user_error = find_exception(exc, (DaemonError, IdentityError))
         if user_error is None:
             raise
         fail(str(user_error))
-
-
-def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first `kinds` exception in `exc`, looking inside trio's exception groups."""
-    if isinstance(exc, kinds):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kinds)
-            if found is not None:
-                return found
-    return None
 
 
 @app.command("id")

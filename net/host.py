@@ -25,7 +25,8 @@ def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> multiaddr.Multi
     try:
         addr = multiaddr.Multiaddr(text)
     except Exception as exc:
-        raise AddressError(f"invalid multiaddr {text!r}: {exc}") from None
+        reason = str(exc).split(" (string:")[0].replace(f"Invalid MultiAddr {text!r}: ", "")
+        raise AddressError(f"invalid multiaddr {text!r}: {reason}") from None
     if need_peer_id and "p2p" not in {p.name for p in addr.protocols()}:
         raise AddressError(f"multiaddr {text!r} lacks the /p2p/<peer id> part")
     return addr

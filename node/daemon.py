@@ -27,6 +27,7 @@ from knexa.net.traffic import TrafficCounter
 from knexa.net.version import AGENT_VERSION, KNEXA_VERSION
 from knexa.node.api import create_app
 from knexa.node.config import NodeConfig
+from knexa.node.errors import find_exception
 from knexa.node.metrics import NodeMetrics
 
 log = logging.getLogger("knexa.daemon")
@@ -191,8 +192,11 @@ class Daemon:
         config.graceful_timeout = 1.0
         try:
             await serve(create_app(self), config, task_status=task_status)
-        except OSError as exc:
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        except BaseException as exc:
+            os_error = find_exception(exc, OSError)
+            if os_error is None:
+                raise
+            reason = "address already in use" if os_error.errno == errno.EADDRINUSE else os_error.strerror
             raise DaemonError(f"cannot serve the local API on {host}:{port}: {reason}") from None
 
     def _write_state(self) -> None:
