@@ -88,7 +88,7 @@ def start(
     api_host: Annotated[str | None, typer.Option(help="Local API interface [default: 127.0.0.1].")] = None,
     api_port: Annotated[int | None, typer.Option(help="Local API port, 0 for any [default: 7700].")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [default: info].")] = None,
-    ping_interval: Annotated[float | None, typer.Option(help="Seconds between pings to each peer [default: 5].")] = None,
+    ping_interval: Annotated[float | None, typer.Option(help="Seconds between pings [default: 5].")] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM."""
     import trio

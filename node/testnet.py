@@ -44,7 +44,9 @@ class LocalNode:
         return response.json()
 
 
-def start_daemon(data_dir: Path, bootstrap: list[str], log_path: Path, extra: list[str] | None = None) -> subprocess.Popen:
+def start_daemon(
+    data_dir: Path, bootstrap: list[str], log_path: Path, extra: list[str] | None = None
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "knexa.cli.main", "start",
         "--data-dir", str(data_dir),

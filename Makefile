@@ -1,0 +1,34 @@
+# The two quickstart commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: a local mesh of 3 daemons on loopback that find each other.
+demo: $(STAMP)
+	$(BIN)/knexa-node testnet --nodes 3
+
+# Lint and the default test run (slow tests excluded; see test-slow).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+# pytest exits 5 when no test is marked slow; that is not a failure.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+bench: $(STAMP)
+	$(BIN)/python bench/connect.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,110 @@
+"""Pure pieces of the daemon: config layering, identity files, backoff, rendering."""
+
+from __future__ import annotations
+
+import random
+import stat
+
+import pytest
+
+from knexa.cli.render import ago, human_bytes, short_id
+from knexa.net.backoff import Backoff
+from knexa.net.identity import (
+    KEY_FILE,
+    IdentityError,
+    load_or_create_identity,
+    peer_id_of,
+    public_key_from_peer_id,
+)
+from knexa.net.peers import PeerConnection, PeerTable, connection_kind
+from knexa.node.config import ConfigError, load_config
+from knexa.node.errors import find_exception
+
+
+def test_identity_is_created_private_and_reused(tmp_path):
+    first = load_or_create_identity(tmp_path)
+    mode = stat.S_IMODE((tmp_path / KEY_FILE).stat().st_mode)
+    assert mode == 0o600
+    second = load_or_create_identity(tmp_path)
+    assert peer_id_of(first) == peer_id_of(second)
+    assert public_key_from_peer_id(peer_id_of(first)).to_bytes() == first.public_key.to_bytes()
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a key", b"knexa-ed25519-v1\nzz", b"knexa-ed25519-v1\n" + b"00" * 31, b"\xff\xfe"]
+)
+def test_corrupted_identity_is_a_clear_error(tmp_path, content):
+    (tmp_path / KEY_FILE).write_bytes(content)
+    with pytest.raises(IdentityError, match="corrupted"):
+        load_or_create_identity(tmp_path)
+
+
+def test_config_layers_defaults_file_flags(tmp_path):
+    (tmp_path / "config.toml").write_text(
+        'listen = ["/ip4/127.0.0.1/tcp/5000"]\napi_port = 7800\nlog_level = "debug"\n'
+    )
+    config = load_config(data_dir=tmp_path, overrides={"api_port": 7900, "bootstrap": None})
+    assert config.listen == ["/ip4/127.0.0.1/tcp/5000"]
+    assert config.api_port == 7900
+    assert config.log_level == "debug"
+    assert config.api_host == "127.0.0.1"
+    assert config.data_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("api_port = 70000\n", "not a TCP port"),
+        ('log_level = "loud"\n', "log_level"),
+        ('bootstrap = ["/ip4/1.2.3.4/tcp/1"]\n', "/p2p/"),
+        ('listen = ["nonsense"]\n', "invalid multiaddr"),
+        ("ping_interval_s = 0\n", "positive"),
+        ("listen = 5\n", "list of strings"),
+        ("node = 5\n", "must be a table"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, tmp_path)
+
+
+def test_missing_explicit_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml", tmp_path)
+
+
+def test_backoff_grows_is_capped_and_resets():
+    backoff = Backoff(initial=1, maximum=8, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(8)]
+    assert 0.5 <= delays[0] <= 1
+    assert all(4 <= d <= 8 for d in delays[4:])
+    backoff.reset()
+    assert backoff.next_delay() <= 1
+
+
+def test_peer_table_counts_each_peer_once():
+    table = PeerTable()
+    assert table.connected(PeerConnection("a", "/ip4/127.0.0.1/tcp/1", "direct", "inbound"))
+    assert not table.connected(PeerConnection("a", "/ip4/127.0.0.1/tcp/2", "direct", "outbound"))
+    assert len(table) == 1 and table.get("a").address.endswith("/1")
+    assert table.disconnected("a") is not None
+    assert table.disconnected("a") is None
+    assert connection_kind("/ip4/1.2.3.4/tcp/1/p2p/X/p2p-circuit") == "relayed"
+    assert connection_kind("/ip4/1.2.3.4/tcp/1") == "direct"
+
+
+def test_rendering_helpers():
+    assert short_id("12D3KooWEYqEuyb5RPmVZ5Ry3e4whsM4ho2SFJpAR31EmHGsJLWT") == "12D3Ko…GsJLWT"
+    assert ago(100, now=105) == "5s"
+    assert ago(0, now=3725) == "1h02m"
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+
+
+def test_find_exception_looks_inside_groups():
+    inner = OSError(98, "in use")
+    group = ExceptionGroup("outer", [ValueError("x"), ExceptionGroup("inner", [inner])])
+    assert find_exception(group, OSError) is inner
+    assert find_exception(group, KeyError) is None
