@@ -19,6 +19,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.utils.varint import read_length_prefixed_protobuf
 
 from knexa.net.backoff import Backoff
+from knexa.net.failures import failure_reason
 from knexa.net.peers import PeerConnection, PeerTable, connection_kind
 
 log = logging.getLogger("knexa.mesh")
@@ -148,7 +149,7 @@ class Mesh:
             try:
                 await self.host.connect(info)
             except Exception as exc:
-                raise ConnectionError(_reason(exc)) from None
+                raise ConnectionError(failure_reason(exc)) from None
         if scope.cancelled_caught:
             raise ConnectionError(f"no answer within {timeout_s:.0f}s")
         return str(info.peer_id)
@@ -217,7 +218,7 @@ class Mesh:
                 if record is not None:
                     record.agent = message.agent_version or None
             except Exception as exc:
-                log.debug("event=identify_failed peer=%s reason=%s", peer, _reason(exc))
+                log.debug('event=identify_failed peer=%s reason="%s"', peer, failure_reason(exc))
 
     async def _ping_loop(self, peer: PeerID) -> None:
         """Measure RTT on one reused ping stream (a new stream costs 6-25 ms)."""
@@ -236,7 +237,7 @@ class Mesh:
                         if echo == payload:
                             rtt_ms = (time.perf_counter() - started) * 1000
                     except Exception as exc:
-                        log.debug("event=ping_failed peer=%s reason=%s", peer, _reason(exc))
+                        log.debug('event=ping_failed peer=%s reason="%s"', peer, failure_reason(exc))
                 if rtt_ms is None and stream is not None:
                     await _reset_quietly(stream)
                     stream = None
@@ -256,10 +257,14 @@ class Mesh:
                 peer_id = await self.connect(addr)
             except ConnectionError as exc:
                 delay = backoff.next_delay()
-                log.warning(
-                    "event=bootstrap_unreachable addr=%s reason=%s retry_in_s=%.1f",
+                # Warn on the first failure and now and then, not on every retry.
+                level = logging.WARNING if backoff.attempts % 10 == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    'event=bootstrap_unreachable addr=%s reason="%s" attempts=%d retry_in_s=%.1f',
                     addr,
                     exc,
+                    backoff.attempts,
                     delay,
                 )
                 await trio.sleep(delay)
@@ -292,16 +297,3 @@ async def _reset_quietly(stream: INetStream) -> None:
         await stream.reset()
     except Exception:  # the stream may already be gone with its connection
         pass
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason, digging through py-libp2p's wrapped exceptions."""
-    parts = []
-    seen = set()
-    while exc is not None and id(exc) not in seen and len(parts) < 4:
-        seen.add(id(exc))
-        text = str(exc).strip() or type(exc).__name__
-        if text not in parts:
-            parts.append(text)
-        exc = exc.__cause__ or exc.__context__
-    return ": ".join(parts).replace("\n", " ")[:300]

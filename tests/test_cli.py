@@ -186,6 +186,7 @@ def test_unreachable_bootstrap_is_retried_with_a_clear_warning(tmp_path):
             assert process.poll() is None, "the daemon must keep running"
             warnings = [line for line in log_path.read_text().splitlines() if "bootstrap_unreachable" in line]
             assert warnings and "retry_in_s=" in warnings[0] and unreachable in warnings[0]
+            assert "connection refused" in warnings[0]
             assert node.get("/v1/health")["status"] == "ok"
         finally:
             stop_daemon(process)

@@ -9,6 +9,7 @@ import pytest
 
 from knexa.cli.render import ago, human_bytes, short_id
 from knexa.net.backoff import Backoff
+from knexa.net.failures import failure_reason
 from knexa.net.identity import (
     KEY_FILE,
     IdentityError,
@@ -108,3 +109,14 @@ def test_find_exception_looks_inside_groups():
     group = ExceptionGroup("outer", [ValueError("x"), ExceptionGroup("inner", [inner])])
     assert find_exception(group, OSError) is inner
     assert find_exception(group, KeyError) is None
+
+
+def test_failure_reason_digs_out_the_os_error():
+    from libp2p.exceptions import MultiError
+
+    refused = ConnectionRefusedError(111, "Connection refused")
+    wrapper = RuntimeError("fail to open connection")
+    wrapper.__cause__ = refused
+    assert failure_reason(RuntimeError("dial failed")) == "dial failed"
+    assert failure_reason(MultiError([wrapper])) == "connection refused"
+    assert failure_reason(TimeoutError()) == "timed out"
