@@ -12,6 +12,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.identity.identify import identify as _identify
 from libp2p.network.config import ConnectionConfig
+from libp2p.utils.address_validation import get_available_interfaces
 
 from knexa.net.traffic import CountingTCP, TrafficCounter
 from knexa.net.version import AGENT_VERSION
@@ -83,3 +84,25 @@ async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:
         await close()
     except Exception as exc:  # teardown is best effort; the peer may be gone already
         logging.getLogger("knexa.host").debug("event=close_failed reason=%s", exc)
+
+
+def dialable_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
+    """The host's addresses as others can dial them: wildcards become interface addresses."""
+    suffix = f"/p2p/{host.get_id()}"
+    result: list[multiaddr.Multiaddr] = []
+    for addr in host.get_transport_addrs():
+        names = [p.name for p in addr.protocols()]
+        ip = addr.value_for_protocol(names[0]) if names and names[0] in ("ip4", "ip6") else None
+        if ip in ("0.0.0.0", "::") and "tcp" in names:
+            family = 4 if names[0] == "ip4" else 6
+            candidates = [
+                a for a in get_available_interfaces(int(addr.value_for_protocol("tcp")))
+                if a.protocols()[0].name == f"ip{family}"
+            ]
+        else:
+            candidates = [addr]
+        for candidate in candidates:
+            full = multiaddr.Multiaddr(str(candidate) + suffix)
+            if full not in result:
+                result.append(full)
+    return result

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from knexa.net.host import build_host, close_host, parse_multiaddr
+from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
 from knexa.net.traffic import TrafficCounter
@@ -132,7 +132,7 @@ class Daemon:
             "peer_id": self.peer_id,
             "version": KNEXA_VERSION,
             "agent": AGENT_VERSION,
-            "listen_addrs": [str(a) for a in self.host.get_addrs()],
+            "listen_addrs": [str(a) for a in dialable_addrs(self.host)],
             "observed_addrs": self.mesh.observed_addrs(),
             "api": self.api_url,
             "uptime_s": round(time.time() - self.started_at, 3),
@@ -162,7 +162,7 @@ class Daemon:
                         log.info(
                             "event=started peer=%s listen=%s api=%s",
                             self.peer_id,
-                            ",".join(str(a) for a in self.host.get_addrs()),
+                            ",".join(str(a) for a in dialable_addrs(self.host)),
                             self.api_url,
                         )
                         task_status.started()
@@ -204,7 +204,7 @@ class Daemon:
             "pid": os.getpid(),
             "peer_id": self.peer_id,
             "api": self.api_url,
-            "listen_addrs": [str(a) for a in self.host.get_addrs()],
+            "listen_addrs": [str(a) for a in dialable_addrs(self.host)],
         }
         path = self.config.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
