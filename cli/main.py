@@ -185,6 +185,35 @@ def status(
 
 
 @app.command()
+def ledger(
+    peer: Annotated[str | None, typer.Option("--peer", help="Only entries authored by this peer id.")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """Show the capability ledger as this node holds it."""
+    from knexa.cli.render import ledger_table
+
+    path = "/v1/ledger" + (f"?peer={peer}" if peer else "")
+    listing = _get(_client(data_dir, config, api, token), path)
+    if json_:
+        _print_json(listing)
+        return
+    stats = listing["stats"]
+    rejected = sum(stats["rejected"].values())
+    console.print(
+        f"{stats['entries']} entries · {stats['accepted']} accepted · {rejected} rejected "
+        f"({', '.join(f'{k} {v}' for k, v in stats['rejected'].items()) or 'none'}) · "
+        f"{stats['syncs_ok']} syncs",
+        highlight=False,
+    )
+    if listing["entries"]:
+        console.print(ledger_table(listing["entries"]))
+
+
+@app.command()
 def testnet(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=32, help="How many daemons.")] = 3,
     keep: Annotated[bool, typer.Option(help="Keep the mesh running until Ctrl-C.")] = False,

@@ -34,10 +34,12 @@ def human_bytes(n: float) -> str:
 
 def peers_table(peers: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("PEER", "ADDRESS", "KIND", "DIR", "RTT", "SINCE", "AGENT"):
+    for column in ("PEER", "ADDRESS", "KIND", "DIR", "RTT", "SINCE", "MODEL", "DEVICE", "LOAD", "AGENT"):
         table.add_column(column, no_wrap=True)
     for peer in peers:
         rtt = "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.1f}ms"
+        profile = peer.get("profile") or {}
+        load = "-" if not profile else f"q{profile['queue_length']}"
         table.add_row(
             short_id(peer["peer_id"]),
             peer["address"],
@@ -45,6 +47,9 @@ def peers_table(peers: list[dict[str, Any]]) -> Table:
             "in" if peer["direction"] == "inbound" else "out",
             rtt,
             ago(peer["connected_at"]),
+            ",".join(profile.get("models") or []) or "-",
+            profile.get("device") or "-",
+            load,
             (peer.get("agent") or "-").split(" ")[0],
         )
     return table
@@ -77,3 +82,38 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def ledger_table(entries: list[dict[str, Any]], now_ms: float | None = None) -> Table:
+    now_ms = now_ms if now_ms is not None else time.time() * 1000
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("KIND", "AUTHOR", "KEY", "CLOCK", "EXPIRES", "STATUS", "VALUE"):
+        table.add_column(column, no_wrap=True)
+    for entry in sorted(entries, key=lambda e: (e["kind"], e["key"])):
+        expires = entry["expires_at_ms"]
+        expires_in = "never" if not expires else f"in {max(0, int((expires - now_ms) / 1000))}s"
+        clock = entry["clock"]
+        table.add_row(
+            entry["kind"],
+            short_id(entry["author"]),
+            _short_key(entry["key"]),
+            f"{time.strftime('%H:%M:%S', time.gmtime(clock['wall_ms'] / 1000))}.{clock['counter']}",
+            expires_in,
+            ("verified" if entry["verified"] else "UNVERIFIED") + (" deleted" if entry["deleted"] else ""),
+            _value_summary(entry),
+        )
+    return table
+
+
+def _short_key(key: str) -> str:
+    return "/".join(short_id(part) if part.startswith(("12D3", "Qm")) else part for part in key.split("/"))
+
+
+def _value_summary(entry: dict[str, Any]) -> str:
+    value = entry.get("value")
+    if entry["kind"] == "profile" and isinstance(value, dict):
+        models = ",".join(m["name"] for m in value.get("models", [])) or "no model"
+        return f"{value['device']['backend']} · {models} · queue {value['load']['queue_length']}"
+    if entry["kind"] == "report" and isinstance(value, dict):
+        return f"score {value.get('score')} · {value.get('reason', '')}"[:60]
+    return str(value)[:60]

@@ -76,7 +76,8 @@ def bucket_summary(entries: Iterable[Entry], num_buckets: int = DEFAULT_BUCKETS)
 def differing_buckets(local: BucketSummary, remote: BucketSummary) -> frozenset[int]:
     if local.num_buckets != remote.num_buckets:
         return frozenset(range(local.num_buckets))
-    return frozenset(i for i, (a, b) in enumerate(zip(local.hashes, remote.hashes)) if a != b)
+    pairs = zip(local.hashes, remote.hashes, strict=True)
+    return frozenset(i for i, (a, b) in enumerate(pairs) if a != b)
 
 
 def missing_for(entries: Iterable[Entry], remote: Digest) -> list[Entry]:

@@ -9,7 +9,7 @@ bytes that were signed, so a receiver verifies without re-encoding anything.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -49,13 +49,13 @@ def unpack_payload(payload: bytes) -> Any:
 @dataclass(frozen=True)
 class Entry:
     key: str
-    payload: bytes
+    payload: bytes = field(repr=False)
     wall_ms: int
     counter: int
     author: str
     expires_at_ms: int
     deleted: bool
-    signature: bytes
+    signature: bytes = field(repr=False)
 
     @cached_property
     def signed_bytes(self) -> bytes:

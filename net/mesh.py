@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import multiaddr
@@ -95,6 +95,8 @@ class Mesh:
         self._peer_scopes: dict[str, trio.CancelScope] = {}
         self._peer_gone: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        # Called with the peer id of each newly connected peer (must not block).
+        self.connect_listeners: list[Callable[[str], None]] = []
 
     # -- queries ---------------------------------------------------------
     def peers(self) -> list[PeerConnection]:
@@ -176,6 +178,8 @@ class Mesh:
         self._peer_scopes[peer_id] = scope
         self._peer_gone[peer_id] = trio.Event()
         self._nursery.start_soon(self._watch_peer, conn.muxed_conn.peer_id, scope)
+        for listener in list(self.connect_listeners):
+            listener(peer_id)
 
     def _on_down(self, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id

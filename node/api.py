@@ -37,6 +37,14 @@ class NodeInfo(BaseModel):
     streams_open: int
 
 
+class ProfileSummary(BaseModel):
+    models: list[str]
+    device: str
+    queue_length: int
+    tokens_per_s: float
+    reachability: str
+
+
 class Peer(BaseModel):
     peer_id: str
     address: str
@@ -45,10 +53,37 @@ class Peer(BaseModel):
     connected_at: float
     rtt_ms: float | None
     agent: str | None
+    profile: ProfileSummary | None = None
 
 
 class Peers(BaseModel):
     peers: list[Peer]
+
+
+class LedgerEntry(BaseModel):
+    key: str
+    kind: str
+    author: str
+    clock: dict[str, int]
+    expires_at_ms: int
+    deleted: bool
+    verified: bool
+    value: Any = None
+
+
+class LedgerStats(BaseModel):
+    entries: int
+    accepted: int
+    superseded: int
+    rejected: dict[str, int]
+    syncs_ok: int
+    syncs_failed: int
+    published_batches: int
+
+
+class LedgerListing(BaseModel):
+    entries: list[LedgerEntry]
+    stats: LedgerStats
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -87,7 +122,12 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/v1/peers", response_model=Peers, dependencies=authed)
     async def peers() -> Any:
-        return {"peers": [p.to_dict() for p in daemon.mesh.peers()]}
+        return {"peers": daemon.peers_view()}
+
+    @app.get("/v1/ledger", response_model=LedgerListing, dependencies=authed)
+    async def ledger(peer: str | None = None) -> Any:
+        """Ledger entries (all verified on merge), optionally only those authored by `peer`."""
+        return daemon.ledger_view(peer)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)
     async def metrics(request: Request) -> Any:

@@ -20,14 +20,21 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from knexa.crdt.ledger import Ledger
+from knexa.crdt.profile import CapabilityProfile, Device, Reachability
+from knexa.crdt.store import LedgerStore
 from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
+from knexa.net.pubsub import open_pubsub
+from knexa.net.rpc import RpcService
 from knexa.net.traffic import TrafficCounter
 from knexa.net.version import AGENT_VERSION, KNEXA_VERSION
 from knexa.node.api import create_app
 from knexa.node.config import NodeConfig
 from knexa.node.errors import find_exception
+from knexa.node.ledger_service import LedgerService
+from knexa.node.ledger_view import entry_view, profile_summary
 from knexa.node.metrics import NodeMetrics
 
 log = logging.getLogger("knexa.daemon")
@@ -124,9 +131,31 @@ class Daemon:
         self.mesh = Mesh(self.host, self.bootstrap_addrs, ping_interval_s=config.ping_interval_s)
         self.started_at = time.time()
         self.metrics = NodeMetrics(self.mesh, self.traffic, self.started_at)
+        self.rpc = RpcService(self.host, self.key_pair)
+        self.rpc.register_metrics(self.metrics.registry)
+        self.ledger: Ledger | None = None
+        self.ledger_service: LedgerService | None = None
         self.api_url = ""
 
     # -- what the API and CLI show ------------------------------------------
+    def own_profile(self) -> CapabilityProfile:
+        return CapabilityProfile(
+            device=Device(backend="cpu", memory_bytes=_total_memory()),
+            reachability=Reachability(status="unknown"),
+        )
+
+    def peers_view(self) -> list[dict[str, Any]]:
+        profiles = self.ledger.profiles() if self.ledger is not None else {}
+        return [
+            {**p.to_dict(), "profile": profile_summary(profiles.get(p.peer_id))}
+            for p in self.mesh.peers()
+        ]
+
+    def ledger_view(self, author: str | None = None) -> dict[str, Any]:
+        assert self.ledger is not None and self.ledger_service is not None
+        entries = [e for e in self.ledger.entries() if author is None or e.author == author]
+        return {"entries": [entry_view(e) for e in entries], "stats": self.ledger_service.stats()}
+
     def node_info(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id,
@@ -151,11 +180,17 @@ class Daemon:
         try:
             for addr in self.listen_addrs:
                 check_can_listen(addr)
+            self.ledger = Ledger(self.key_pair, store=LedgerStore.in_data_dir(self.config.data_dir))
             async with self.host.run(self.listen_addrs):
                 try:
                     self._check_listening()
-                    async with trio.open_nursery() as nursery:
+                    async with open_pubsub(self.host) as pubsub, trio.open_nursery() as nursery:
                         await nursery.start(self.mesh.run)
+                        await nursery.start(self.rpc.run)
+                        self.ledger_service = LedgerService(
+                            self.ledger, self.rpc, pubsub, self.mesh, self.own_profile
+                        )
+                        await nursery.start(self.ledger_service.run)
                         binds = await nursery.start(self._serve_api)
                         self.api_url = binds[0]
                         self._write_state()
@@ -170,6 +205,8 @@ class Daemon:
                     await close_host(self.host)
         finally:
             (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
+            if self.ledger is not None:
+                self.ledger.close()
             self._lock.release()
 
     def _check_listening(self) -> None:
@@ -210,6 +247,13 @@ class Daemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def _is_loopback(host: str) -> bool:
