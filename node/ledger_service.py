@@ -224,9 +224,17 @@ class LedgerService:
             return received, len(missing)
 
     def _merge(self, batch: bytes, source: str) -> MergeResult:
+        """Merge a batch that came by RPC; gossip what was new to us.
+
+        Entries learned by anti-entropy would otherwise reach the rest of the
+        mesh only at the next periodic sync. A node that already has them
+        counts them as superseded and passes nothing on, so this terminates.
+        """
         result = self.ledger.merge_message(batch)
         if result.rejected_by_reason:
             log.warning("event=ledger_rejected source=%s reasons=%s", source, _reasons(result))
+        if result.accepted:
+            self.announce(result.accepted)
         return result
 
     async def _handle_summary(self, request: SummaryMessage, ctx: Any) -> SummaryMessage:
