@@ -20,6 +20,7 @@ import trio
 
 from knexa.node.config import NodeConfig
 from knexa.node.daemon import Daemon
+from knexa.node.logs import setup_logging
 
 
 async def start_node(nursery: trio.Nursery, data_dir: Path, bootstrap: list[str]) -> Daemon:
@@ -67,6 +68,7 @@ async def run_size(size: int, links: int, rng: random.Random) -> None:
 
 
 async def main(sizes: list[int], links: int, seed: int) -> None:
+    setup_logging("warning")
     print(f"ledger convergence over real daemons on loopback (each dials {links} earlier nodes)")
     for size in sizes:
         await run_size(size, links, random.Random(seed))

@@ -44,8 +44,10 @@ class _Notifee(INotifee):
     def _post(self, event: _ConnEvent) -> None:
         try:
             self._send.send_nowait(event)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            log.warning("event=conn_event_dropped reason=queue_full_or_closed")
+        except trio.WouldBlock:
+            log.warning("event=conn_event_dropped reason=queue_full")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the mesh is shutting down
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._post(_ConnEvent(True, conn))

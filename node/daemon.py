@@ -184,23 +184,13 @@ class Daemon:
             async with self.host.run(self.listen_addrs):
                 try:
                     self._check_listening()
-                    async with open_pubsub(self.host) as pubsub, trio.open_nursery() as nursery:
-                        await nursery.start(self.mesh.run)
-                        await nursery.start(self.rpc.run)
-                        self.ledger_service = LedgerService(
-                            self.ledger, self.rpc, pubsub, self.mesh, self.own_profile
-                        )
-                        await nursery.start(self.ledger_service.run)
-                        binds = await nursery.start(self._serve_api)
-                        self.api_url = binds[0]
-                        self._write_state()
-                        log.info(
-                            "event=started peer=%s listen=%s api=%s",
-                            self.peer_id,
-                            ",".join(str(a) for a in dialable_addrs(self.host)),
-                            self.api_url,
-                        )
-                        task_status.started()
+                    async with open_pubsub(self.host) as pubsub:
+                        try:
+                            await self._run_services(pubsub, task_status)
+                        finally:
+                            # Connections go first: protocol services that stop while
+                            # peers still open streams to them make py-libp2p raise.
+                            await close_host(self.host)
                 finally:
                     await close_host(self.host)
         finally:
@@ -208,6 +198,24 @@ class Daemon:
             if self.ledger is not None:
                 self.ledger.close()
             self._lock.release()
+
+    async def _run_services(self, pubsub: Any, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.mesh.run)
+            await nursery.start(self.rpc.run)
+            assert self.ledger is not None
+            self.ledger_service = LedgerService(self.ledger, self.rpc, pubsub, self.mesh, self.own_profile)
+            await nursery.start(self.ledger_service.run)
+            binds = await nursery.start(self._serve_api)
+            self.api_url = binds[0]
+            self._write_state()
+            log.info(
+                "event=started peer=%s listen=%s api=%s",
+                self.peer_id,
+                ",".join(str(a) for a in dialable_addrs(self.host)),
+                self.api_url,
+            )
+            task_status.started()
 
     def _check_listening(self) -> None:
         bound = self.host.get_transport_addrs()

@@ -16,8 +16,15 @@ from knexa.crdt import codec
 from knexa.crdt.ledger import Ledger
 from knexa.net.host import build_host, close_host, parse_multiaddr
 from knexa.net.pubsub import open_pubsub
-from knexa.net.rpc import RpcError
-from knexa.node.ledger_service import METHOD_PUSH, TOPIC, PushRequest, PushResponse
+from knexa.net.rpc import RpcError, RpcService
+from knexa.node.ledger_service import (
+    METHOD_PUSH,
+    METHOD_SUMMARY,
+    TOPIC,
+    PushRequest,
+    PushResponse,
+    SummaryMessage,
+)
 from knexa.node.testnet import LocalNode, start_daemon, stop_daemon, wait_until_started
 from tests.conftest import api_get, p2p_addr, running_daemon, wait_for
 from tests.crdt_helpers import resign
@@ -159,3 +166,27 @@ def test_sigkill_and_restart_keeps_what_was_acknowledged(tmp_path):
         assert all(e["verified"] for e in entries)
     finally:
         stop_daemon(a.process)
+
+
+async def test_a_peer_that_never_answers_sync_only_fails_that_sync(tmp_path):
+    async with running_daemon(tmp_path / "a") as a:
+        a.ledger_service.sync_timeout_s = 1.0
+        stalled = trio.Event()
+
+        async def never_answer(request, ctx):
+            stalled.set()
+            await trio.sleep_forever()
+
+        key_pair = create_new_key_pair()
+        slow = build_host(key_pair, LOOPBACK)
+        async with slow.run(LOOPBACK):
+            rpc = RpcService(slow, key_pair)
+            rpc.register(METHOD_SUMMARY, never_answer, SummaryMessage, SummaryMessage)
+            async with rpc.running():
+                await slow.connect(info_from_p2p_addr(a.host.get_addrs()[0]))
+                await wait_for(lambda: a.ledger_service.syncs_failed >= 1, 10)
+                assert stalled.is_set()
+            await close_host(slow)
+        assert (await api_get(a, "/v1/health")).status_code == 200
+        a.ledger_service.announce([a.ledger.put_report(a.peer_id[::-1], 0.5, "still writing")])
+        assert (await api_get(a, "/v1/ledger")).json()["stats"]["entries"] == 2
