@@ -10,7 +10,11 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_HELP = "import knexa.cli.main as m, sys; print(m.__file__); sys.argv = ['knexa-node', '--help']; m.main()"
+SUBPACKAGE_FOLDERS = ("node", "net", "crdt", "dht", "cli")
+RUN_HELP = (
+    "import knexa.node.daemon, knexa.cli.main as m, sys; print(m.__file__); "
+    "sys.argv = ['knexa-node', '--help']; m.main()"
+)
 
 
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
@@ -21,8 +25,15 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         timeout=300,
     )
     wheel = next(dist.glob("knexa_node-*.whl"))
-    top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    top_level = {name.split("/")[0] for name in names}
     assert top_level == {"knexa", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    # Every package folder of the source tree ships (a subpackage missing from
+    # pyproject's explicit list would otherwise vanish from the wheel silently).
+    for folder in SUBPACKAGE_FOLDERS:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.relative_to(ROOT).as_posix()
+            assert f"knexa/{relative}" in names, f"{relative} is not in the wheel"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

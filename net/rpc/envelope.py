@@ -24,6 +24,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID as PeerID
 
 from knexa.net.rpc.errors import CodecError, ErrorCode, RpcError
+from knexa.net.rpc.packing import array_header, bin_header, pack
+from knexa.net.rpc.schema import PackedBody
 
 VERSION = 1
 NONCE_SIZE = 16
@@ -56,6 +58,7 @@ class Envelope:
     status: int  # ErrorCode; non-zero only on error responses
     body: bytes  # msgpack
     sig: bytes
+    body_sha256: bytes  # derived on decode; what the signature binds
 
     @property
     def sender_id(self) -> PeerID:
@@ -81,7 +84,7 @@ def signing_bytes(
     nonce: bytes,
     timeout_ms: int,
     status: int,
-    body: bytes,
+    body_sha256: bytes,
 ) -> bytes:
     """The canonical bytes a signature covers; unambiguous by construction."""
     return b"".join(
@@ -92,7 +95,7 @@ def signing_bytes(
             _lp(sender),
             _lp(recipient),
             _lp(nonce),
-            hashlib.sha256(body).digest(),
+            body_sha256,
         )
     )
 
@@ -106,7 +109,7 @@ def seal(
     seq: int = 0,
     sender: bytes,
     recipient: bytes,
-    body: bytes,
+    body: bytes | PackedBody,
     timeout_ms: int = 0,
     status: int = 0,
     ts_ms: int | None = None,
@@ -115,14 +118,21 @@ def seal(
     """Sign and encode an envelope; `sender` must be the peer id of `key_pair`."""
     ts = now_ms() if ts_ms is None else ts_ms
     nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    # A body that carries its own digest (see schema.PackedBody) is hashed once by
+    # its producer; receivers always recompute it.
+    digest = getattr(body, "sha256", None)
+    body = getattr(body, "data", body)
+    if digest is None:
+        digest = hashlib.sha256(body).digest()
     msg = signing_bytes(
-        kind, method, call_id, seq, sender, recipient, ts, nonce, timeout_ms, status, body
+        kind, method, call_id, seq, sender, recipient, ts, nonce, timeout_ms, status, digest
     )
     sig = key_pair.private_key.sign(msg)
-    return msgpack.packb(
-        [VERSION, int(kind), method, call_id, seq, sender, recipient, ts, nonce, timeout_ms,
-         status, body, sig],
-        use_bin_type=True,
+    head = [VERSION, int(kind), method, call_id, seq, sender, recipient, ts, nonce, timeout_ms,
+            status]
+    # Built by hand so a large body is copied once, not grown into msgpack's buffer.
+    return b"".join(
+        [array_header(_FIELDS), *map(pack, head), bin_header(len(body)), body, pack(sig)]
     )
 
 
@@ -169,6 +179,7 @@ def decode_envelope(data: bytes) -> Envelope:
         status=_int(f[10], 0, 2**16, "status"),
         body=_bytes(f[11], 0, 2**32, "body"),
         sig=_bytes(f[12], SIGNATURE_SIZE, SIGNATURE_SIZE, "signature"),
+        body_sha256=hashlib.sha256(f[11]).digest(),
     )
 
 
@@ -204,7 +215,7 @@ def verify_signature(env: Envelope, keys: KeyCache | None = None) -> None:
     pub = (keys or _DEFAULT_KEYS).get(env.sender)
     msg = signing_bytes(
         env.kind, env.method, env.call_id, env.seq, env.sender, env.recipient, env.ts_ms,
-        env.nonce, env.timeout_ms, env.status, env.body,
+        env.nonce, env.timeout_ms, env.status, env.body_sha256,
     )
     try:
         ok = pub.verify(msg, env.sig)

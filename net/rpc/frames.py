@@ -9,12 +9,14 @@ they arrive on.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
 import msgpack
 
 from knexa.net.rpc.errors import CodecError, FrameTooLarge
+from knexa.net.rpc.packing import array_header, bin_header, pack
 
 PREFIX = struct.Struct(">I")
 PREFIX_SIZE = PREFIX.size
@@ -47,18 +49,20 @@ def _u64(value: object, what: str) -> int:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """Length prefix plus payload, ready for the wire."""
+    """Length prefix plus payload, ready for the wire (one copy of the envelope)."""
     t = frame.type
     if t is FrameType.OPEN:
-        items: list[object] = [int(t), frame.call_id, frame.value, frame.envelope]
+        parts = [array_header(4), pack(int(t)), pack(frame.call_id), pack(frame.value),
+                 bin_header(len(frame.envelope)), frame.envelope]
     elif t in SIGNED_TYPES:
-        items = [int(t), frame.call_id, frame.envelope]
+        parts = [array_header(3), pack(int(t)), pack(frame.call_id),
+                 bin_header(len(frame.envelope)), frame.envelope]
     elif t is FrameType.CREDIT:
-        items = [int(t), frame.call_id, frame.value]
+        parts = [array_header(3), pack(int(t)), pack(frame.call_id), pack(frame.value)]
     else:
-        items = [int(t), frame.call_id]
-    payload = msgpack.packb(items, use_bin_type=True)
-    return PREFIX.pack(len(payload)) + payload
+        parts = [array_header(2), pack(int(t)), pack(frame.call_id)]
+    size = sum(map(len, parts))
+    return b"".join([PREFIX.pack(size), *parts])
 
 
 def decode_payload(payload: bytes | memoryview) -> Frame:
@@ -98,51 +102,83 @@ class FrameDecoder:
 
     The length prefix is checked against `max_frame_size` before any byte of
     the payload is buffered, so an oversized announcement costs nothing.
+    Received chunks are kept as they came and joined once per frame, so a
+    large frame arriving in many reads is copied once.
     """
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
-        self._pos = 0
+        self._chunks: deque[bytes] = deque()
+        self._off = 0  # consumed bytes of _chunks[0]
+        self._size = 0  # unconsumed bytes in total
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        if data:
+            self._chunks.append(data if isinstance(data, bytes) else bytes(data))
+            self._size += len(data)
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return self._size
 
-    def needed(self) -> int:
-        """Bytes still missing for the next frame to be complete (0 if one is ready)."""
-        avail = self.buffered
-        if avail < PREFIX_SIZE:
-            return PREFIX_SIZE - avail
-        (length,) = PREFIX.unpack_from(self._buf, self._pos)
-        return max(0, PREFIX_SIZE + length - avail)
+    def _peek(self, n: int) -> bytes:
+        out = bytearray()
+        off = self._off
+        for chunk in self._chunks:
+            out += chunk[off : off + n - len(out)]
+            off = 0
+            if len(out) >= n:
+                break
+        return bytes(out)
 
-    def next_payload(self) -> bytes | None:
-        """The next complete payload, or None; raises `FrameTooLarge`."""
-        avail = len(self._buf) - self._pos
-        if avail < PREFIX_SIZE:
+    def _frame_length(self) -> int | None:
+        if self._size < PREFIX_SIZE:
             return None
-        (length,) = PREFIX.unpack_from(self._buf, self._pos)
+        first = self._chunks[0]
+        if len(first) - self._off >= PREFIX_SIZE:
+            (length,) = PREFIX.unpack_from(first, self._off)
+        else:  # the prefix straddles chunks
+            (length,) = PREFIX.unpack(self._peek(PREFIX_SIZE))
         if length > self.max_frame_size:
             raise FrameTooLarge(
                 f"frame of {length} bytes exceeds the limit of {self.max_frame_size}"
             )
-        end = self._pos + PREFIX_SIZE + length
-        if end > len(self._buf):
+        return length
+
+    def _take(self, n: int) -> bytes:
+        """Consume and return the next `n` buffered bytes (n <= buffered)."""
+        self._size -= n
+        parts: list[bytes | memoryview] = []
+        while n:
+            chunk = self._chunks[0]
+            avail = len(chunk) - self._off
+            if avail <= n:
+                parts.append(chunk if self._off == 0 else memoryview(chunk)[self._off :])
+                self._chunks.popleft()
+                self._off = 0
+                n -= avail
+            else:
+                parts.append(memoryview(chunk)[self._off : self._off + n])
+                self._off += n
+                n = 0
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def needed(self) -> int:
+        """Bytes still missing for the next frame to be complete (0 if one is ready)."""
+        length = self._frame_length()
+        if length is None:
+            return PREFIX_SIZE - self._size
+        return max(0, PREFIX_SIZE + length - self._size)
+
+    def next_payload(self) -> bytes | None:
+        """The next complete payload, or None; raises `FrameTooLarge`."""
+        length = self._frame_length()
+        if length is None or self._size < PREFIX_SIZE + length:
             return None
-        with memoryview(self._buf) as view:
-            payload = bytes(view[self._pos + PREFIX_SIZE : end])
-        self._pos = end
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        return payload
+        self._take(PREFIX_SIZE)
+        return self._take(length) if length else b""
 
     def next_frame(self) -> Frame | None:
         payload = self.next_payload()
