@@ -80,6 +80,8 @@ async def test_node_info_openapi_and_metrics(tmp_path):
             assert metrics["knexa_sent_bytes_total"] > 0
             assert metrics["knexa_peer_connects_total"] == 1
             assert "knexa_streams_open" in metrics and "knexa_uptime_seconds" in metrics
+            # The ledger's anti-entropy on connect went through the signed RPC layer.
+            await wait_for(lambda: _has_metric(a, "knexa_rpc_calls_total"), 10)
 
 
 async def test_state_file_exists_only_while_running(tmp_path):
@@ -111,6 +113,11 @@ async def _peer_field(daemon, peer_id: str, field: str):
         if peer["peer_id"] == peer_id:
             return peer[field]
     return None
+
+
+async def _has_metric(daemon, name: str) -> bool:
+    text = (await api_get(daemon, "/metrics")).text
+    return any(line.startswith(name + "{") for line in text.splitlines())
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
