@@ -74,6 +74,7 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
         ("observed", "\n".join(node["observed_addrs"]) or "-"),
         ("bootstrap", "\n".join(node["bootstrap"]) or "-"),
         ("traffic", f"{human_bytes(node['bytes_in'])} in, {human_bytes(node['bytes_out'])} out"),
+        ("ledger", _ledger_line(node.get("ledger"))),
         ("local API", node["api"]),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -117,3 +118,13 @@ def _value_summary(entry: dict[str, Any]) -> str:
     if entry["kind"] == "report" and isinstance(value, dict):
         return f"score {value.get('score')} · {value.get('reason', '')}"[:60]
     return str(value)[:60]
+
+
+def _ledger_line(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "-"
+    rejected = sum(stats["rejected"].values())
+    return (
+        f"{stats['entries']} entries, {rejected} rejected, "
+        f"{stats['syncs_ok']} syncs ok, {stats['syncs_failed']} failed"
+    )

@@ -21,6 +21,16 @@ class Health(BaseModel):
     peer_id: str
 
 
+class LedgerStats(BaseModel):
+    entries: int
+    accepted: int
+    superseded: int
+    rejected: dict[str, int]
+    syncs_ok: int
+    syncs_failed: int
+    published_batches: int
+
+
 class NodeInfo(BaseModel):
     peer_id: str
     version: str
@@ -35,6 +45,7 @@ class NodeInfo(BaseModel):
     bytes_in: int
     bytes_out: int
     streams_open: int
+    ledger: LedgerStats | None = None
 
 
 class ProfileSummary(BaseModel):
@@ -69,16 +80,6 @@ class LedgerEntry(BaseModel):
     deleted: bool
     verified: bool
     value: Any = None
-
-
-class LedgerStats(BaseModel):
-    entries: int
-    accepted: int
-    superseded: int
-    rejected: dict[str, int]
-    syncs_ok: int
-    syncs_failed: int
-    published_batches: int
 
 
 class LedgerListing(BaseModel):

@@ -171,6 +171,7 @@ class Daemon:
             "bytes_in": self.traffic.bytes_in,
             "bytes_out": self.traffic.bytes_out,
             "streams_open": self.mesh.streams_open(),
+            "ledger": self.ledger_service.stats() if self.ledger_service is not None else None,
         }
 
     # -- lifecycle -----------------------------------------------------------
