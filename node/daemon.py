@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -36,12 +36,13 @@ from knexa.node.errors import find_exception
 from knexa.node.ledger_service import LedgerService
 from knexa.node.ledger_view import entry_view, profile_summary
 from knexa.node.metrics import NodeMetrics
+from knexa.node.paths import LOCK_FILE, STATE_FILE, TOKEN_FILE
+
+if TYPE_CHECKING:
+    from knexa.node.inference import InferenceService
 
 log = logging.getLogger("knexa.daemon")
 
-TOKEN_FILE = "api.token"
-STATE_FILE = "daemon.json"
-LOCK_FILE = "daemon.lock"
 
 
 class DaemonError(Exception):
@@ -135,14 +136,41 @@ class Daemon:
         self.rpc.register_metrics(self.metrics.registry)
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None
+        self.inference: InferenceService | None = None
+        if config.model != "none":
+            # torch and transformers take seconds to import: only for nodes that run a model.
+            from knexa.node.engine import EngineConfig
+            from knexa.node.inference import InferenceService
+
+            engine_config = EngineConfig(
+                model=None if config.model == "embedded" else Path(config.model).expanduser(),
+                data_dir=config.cache_dir,
+                device=None if config.device == "auto" else config.device,
+                show_progress=False,
+            )
+            self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)
         self.api_url = ""
 
     # -- what the API and CLI show ------------------------------------------
     def own_profile(self) -> CapabilityProfile:
+        parts = self.inference.profile_parts() if self.inference is not None else {}
+        device = parts.pop("device", Device(backend="cpu"))
         return CapabilityProfile(
-            device=Device(backend="cpu", memory_bytes=_total_memory()),
+            device=Device(device.backend, device.gpu_name, _total_memory(), device.gpu_memory_bytes),
             reachability=Reachability(status="unknown"),
+            **parts,
         )
+
+    def _profile_changed(self) -> None:
+        if self.ledger_service is not None:
+            self.ledger_service.refresh_profile()
+
+    def require_inference(self) -> InferenceService:
+        if self.inference is None:
+            from knexa.node.engine import EngineDown
+
+            raise EngineDown("this node runs no model (started with model = none)")
+        return self.inference
 
     def peers_view(self) -> list[dict[str, Any]]:
         profiles = self.ledger.profiles() if self.ledger is not None else {}
@@ -172,6 +200,7 @@ class Daemon:
             "bytes_out": self.traffic.bytes_out,
             "streams_open": self.mesh.streams_open(),
             "ledger": self.ledger_service.stats() if self.ledger_service is not None else None,
+            "engine": _engine_summary(self.inference.status()) if self.inference is not None else None,
         }
 
     # -- lifecycle -----------------------------------------------------------
@@ -209,6 +238,9 @@ class Daemon:
             await nursery.start(self.ledger_service.run)
             binds = await nursery.start(self._serve_api)
             self.api_url = binds[0]
+            # After the API has bound: a start that fails must not first wait for a model load.
+            if self.inference is not None:
+                await nursery.start(self.inference.run)
             self._write_state()
             log.info(
                 "event=started peer=%s listen=%s api=%s",
@@ -256,6 +288,20 @@ class Daemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)
+
+
+def _engine_summary(status: dict[str, Any]) -> dict[str, Any]:
+    model = status.get("model") or {}
+    return {
+        "state": status.get("state"),
+        "reason": status.get("reason"),
+        "model": model.get("name"),
+        "device": status.get("device"),
+        "dtype": status.get("dtype"),
+        "queue_length": status.get("queue_length"),
+        "tokens_per_s": status.get("tokens_per_s"),
+        "requests_served": status.get("requests_served"),
+    }
 
 
 def _total_memory() -> int:

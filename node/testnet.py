@@ -17,11 +17,12 @@ import httpx
 from rich.console import Console
 
 from knexa.cli.render import print_peers
-from knexa.node.daemon import STATE_FILE, TOKEN_FILE
+from knexa.node.paths import STATE_FILE, TOKEN_FILE
 
 START_TIMEOUT_S = 30.0
 MESH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+ENGINE_TIMEOUT_S = 600.0
 MAX_BOOTSTRAP_LINKS = 3
 
 
@@ -45,7 +46,7 @@ class LocalNode:
 
 
 def start_daemon(
-    data_dir: Path, bootstrap: list[str], log_path: Path, extra: list[str] | None = None
+    data_dir: Path, bootstrap: list[str], log_path: Path, extra: list[str] | None = None, model: str = "none"
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "knexa.cli.main", "start",
@@ -53,6 +54,7 @@ def start_daemon(
         "--listen", "/ip4/127.0.0.1/tcp/0",
         "--api-port", "0",
         "--ping-interval", "1",
+        "--model", model,
     ]
     for addr in bootstrap:
         command += ["--bootstrap", addr]
@@ -93,7 +95,9 @@ def stop_daemon(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) ->
     return time.monotonic() - started
 
 
-def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Console) -> None:
+def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Console, model: str = "none") -> None:
+    if model == "embedded":
+        prepare_embedded_model(console)
     with ExitStack() as stack:
         if base_dir is None:
             base_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="knexa-testnet-")))
@@ -106,7 +110,7 @@ def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Conso
             # Each node dials a few earlier ones, so the mesh is connected without
             # every node depending on node 0.
             bootstrap = [n.addr for n in nodes[-MAX_BOOTSTRAP_LINKS:]]
-            process = start_daemon(data_dir, bootstrap, data_dir / "daemon.log")
+            process = start_daemon(data_dir, bootstrap, data_dir / "daemon.log", model=model)
             node = LocalNode(index, data_dir, process)
             nodes.append(node)
             wait_until_started(node)
@@ -115,6 +119,9 @@ def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Conso
         console.print(
             f"\nmesh of {count} nodes formed in {time.monotonic() - started:.1f}s\n", highlight=False
         )
+        if model != "none":
+            wait_for_engines(nodes, console)
+            ask_across_the_mesh(nodes[0], nodes[1], console)
         time.sleep(1.2)  # one ping round, so the tables show RTTs
         for node in nodes:
             console.print(f"$ knexa-node peers --data-dir {node.data_dir}", highlight=False, style="dim")
@@ -125,6 +132,44 @@ def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Conso
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         took = [stop_daemon(n.process) for n in nodes]
         console.print(f"stopped {count} nodes (slowest shutdown {max(took):.2f}s)", highlight=False)
+
+
+def prepare_embedded_model(console: Console) -> None:
+    """Convert the shipped model once, before the nodes (which share the cache) start."""
+    from knexa.node.config import default_data_dir
+    from knexa.node.engine import ensure_embedded_model
+
+    with console.status("preparing the embedded SmolLM2 model (first run only: about a minute)"):
+        ensure_embedded_model(default_data_dir() / "models", show_progress=False)
+
+
+def wait_for_engines(nodes: list[LocalNode], console: Console, timeout_s: float = ENGINE_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with console.status("loading the model on every node"):
+        while time.monotonic() < deadline:
+            states = [node.get("/v1/engine")["state"] for node in nodes]
+            if "down" in states:
+                raise TestnetError(f"an engine failed to load: {states}; see the nodes' daemon.log")
+            if all(state == "ready" for state in states):
+                return
+            time.sleep(0.5)
+    raise TestnetError(f"the engines were not ready within {timeout_s:.0f}s")
+
+
+def ask_across_the_mesh(origin: LocalNode, server: LocalNode, console: Console) -> None:
+    """Node `origin` asks `server`'s model over signed RPC; show the answer."""
+    server_id = server.get("/v1/node")["peer_id"]
+    question = "What is the capital of France?"
+    response = httpx.post(
+        origin.api + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {origin.token}"},
+        json={"messages": [{"role": "user", "content": question}], "max_tokens": 32, "peer": server_id},
+        timeout=300,
+    )
+    response.raise_for_status()
+    answer = response.json()["choices"][0]["message"]["content"].strip()
+    console.print(f"$ knexa-node ask --peer {server_id[:12]}… {question!r}", style="dim", highlight=False)
+    console.print(f"{answer}\n(answered by node {server.index}'s model over signed RPC)\n", highlight=False)
 
 
 def wait_for_mesh(nodes: list[LocalNode], expected: int, timeout_s: float = MESH_TIMEOUT_S) -> None:

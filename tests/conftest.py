@@ -23,7 +23,7 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running_daemon(
-    data_dir: Path, bootstrap: list[str] | None = None, port: int = 0
+    data_dir: Path, bootstrap: list[str] | None = None, port: int = 0, model: str = "none"
 ) -> AsyncIterator[Daemon]:
     config = NodeConfig(
         data_dir=data_dir,
@@ -31,6 +31,8 @@ async def running_daemon(
         bootstrap=bootstrap or [],
         api_port=0,
         ping_interval_s=0.5,
+        model=model,
+        cache_dir=data_dir / "cache",
     ).validate()
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:

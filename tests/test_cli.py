@@ -22,6 +22,7 @@ from knexa.node.testnet import (
 )
 
 CLI = [sys.executable, "-m", "knexa.cli.main"]
+NO_MODEL_START = ("--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0", "--model", "none")
 
 
 def cli(*args: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -125,16 +126,16 @@ def test_port_in_use(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         result = cli("start", "--data-dir", str(tmp_path), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-                     "--api-port", "0")
+                     "--api-port", "0", "--model", "none")
         assert_one_line_error(result, "cannot listen", "address already in use")
         result = cli("start", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0",
-                     "--api-port", str(port))
+                     "--api-port", str(port), "--model", "none")
         assert_one_line_error(result, "local API", "address already in use")
 
 
 def test_corrupted_key_file(tmp_path):
     (tmp_path / "identity.key").write_bytes(b"\x00garbage")
-    result = cli("start", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0")
+    result = cli("start", *NO_MODEL_START, "--data-dir", str(tmp_path))
     assert_one_line_error(result, "corrupted")
     assert_one_line_error(cli("id", "--data-dir", str(tmp_path)), "corrupted")
 
@@ -153,7 +154,7 @@ def test_second_daemon_on_same_data_dir(tmp_path):
     process = start_daemon(tmp_path, [], tmp_path / "daemon.log")
     try:
         wait_until_started(LocalNode(0, tmp_path, process))
-        result = cli("start", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0")
+        result = cli("start", *NO_MODEL_START, "--data-dir", str(tmp_path))
         assert_one_line_error(result, "already running")
     finally:
         stop_daemon(process)
@@ -194,7 +195,7 @@ def test_unreachable_bootstrap_is_retried_with_a_clear_warning(tmp_path):
 
 
 def test_testnet_command_forms_a_mesh(tmp_path):
-    result = cli("testnet", "--nodes", "3", "--base-dir", str(tmp_path), timeout=90)
+    result = cli("testnet", "--nodes", "3", "--base-dir", str(tmp_path), "--model", "none", timeout=90)
     assert result.returncode == 0, result.stderr
     assert "mesh of 3 nodes formed" in result.stdout
     assert result.stdout.count("2 peer(s) connected") == 3

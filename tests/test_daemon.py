@@ -6,7 +6,7 @@ import stat
 
 import trio
 
-from knexa.node.daemon import STATE_FILE, TOKEN_FILE
+from knexa.node.paths import STATE_FILE, TOKEN_FILE
 from tests.conftest import api_get, free_port, p2p_addr, peer_ids_seen, running_daemon, wait_for
 
 

@@ -1,0 +1,57 @@
+"""Units of work handed from the trio side to the worker thread, and how answers travel back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .requests import GenerationRequest
+
+
+class Reply(Protocol):
+    """Thread-safe, non-blocking delivery of events to the caller; `cancelled` once the caller left."""
+
+    def send(self, event: object) -> None: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class Job:
+    reply: Reply
+    submitted_at: float = field(default_factory=time.monotonic, init=False)
+
+
+@dataclass
+class GenerateJob(Job):
+    request: GenerationRequest
+    # Set for generate_from_cache: validated-later imported cache and the tokens it covers.
+    imported_kv: dict[str, torch.Tensor] | None = None
+    imported_metadata: dict[str, Any] | None = None
+    continuation: str | Sequence[int] | None = None
+
+
+@dataclass
+class PrefillJob(Job):
+    prompt: str | Sequence[int] | None = None
+    messages: Sequence[dict[str, Any]] | None = None
+    adapter: str | None = None
+
+
+@dataclass
+class ScoreJob(Job):
+    prompt: str | Sequence[int]
+    completion: str | Sequence[int]
+    adapter: str | None = None
+
+
+@dataclass
+class AdapterJob(Job):
+    action: str  # "load" or "unload"
+    adapter_id: str
+    folder: str | None = None

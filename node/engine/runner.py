@@ -1,0 +1,346 @@
+"""The worker thread: the only place the model runs. It admits queued jobs between decode steps
+(continuous batching), runs one batched decode step at a time, and recovers from model failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .batch import BatchLayout
+from .config import EngineConfig
+from .device import configure_threads
+from .errors import AdapterBusy, EngineClosed, EngineCrashed, EngineDown, EngineError, InvalidRequest
+from .generation import RowProgress
+from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob
+from .kv import check_import, export_cache
+from .kvbatch import BatchCache, Pairs
+from .modelstate import ModelState, load_model_state
+from .queue import RequestQueue
+from .requests import ScoreResult
+from .sampler import new_generator, pick_tokens
+from .stats import EngineStats
+
+CRASH_WINDOW_S = 60.0
+ONE_SHOTS_PER_STEP = 2
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside a decode step by the test hook, standing in for a model crash."""
+
+
+@dataclass(eq=False)
+class Row:
+    """A generation in the running batch."""
+
+    job: GenerateJob
+    progress: RowProgress
+    generator: torch.Generator | None
+    next_token: int  # sampled, not yet fed through the model
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, queue: RequestQueue[Job]) -> None:
+        self.config = config
+        self.queue = queue
+        self.stats = EngineStats()
+        self.state = "loading"
+        self.reason: str | None = None
+        self.model: ModelState | None = None
+        self.torch_threads = 0
+        self.layout = BatchLayout(config.max_batch)
+        self.rows: list[Row] = []
+        self._batch: BatchCache | None = None
+        self._taken: list[Job] = []  # admitted this round and not yet answered or started
+        self._joining: list[tuple[Row, Pairs]] = []  # started (prefilled) but not yet in the batch
+        self._crashes: deque[float] = deque()
+        self._fault: tuple[str, bool] | None = None
+        # Called in the worker thread after every state change; the engine forwards it to trio.
+        self.on_state_change: Callable[[], None] = lambda: None
+        self.thread = threading.Thread(target=self._main, name="knexa-engine", daemon=True)
+
+    # Called from the trio side -----------------------------------------------------------------
+
+    def inject_fault(self, message: str, out_of_memory: bool = False) -> None:
+        self._fault = (message, out_of_memory)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.rows)
+
+    # The thread --------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        self.torch_threads = configure_threads(self.config.torch_threads)
+        with torch.no_grad():
+            try:
+                self.model = load_model_state(self.config)
+                self._batch = BatchCache(self.model.model.config)
+                self._set_state("ready")
+            except Exception as exc:  # any load failure leaves the engine down, the process alive
+                self._go_down(f"model load failed: {type(exc).__name__}: {exc}")
+            while True:
+                if self.state == "down":
+                    if not self._refuse_queued():
+                        break
+                    continue
+                try:
+                    if not self._round():
+                        break
+                except Exception as exc:  # the model failed: fail what is in flight, then recover
+                    self._recover(exc)
+        self._fail_in_flight(EngineClosed("the engine shut down"))
+
+    def _round(self) -> bool:
+        """Admit new work, then run one decode step. False once the queue is closed."""
+        if self.queue.closed:
+            return False
+        free = self.layout.free_rows
+        if free:
+            # Block only when idle; with rows in flight, just pick up whatever is already waiting.
+            self._taken = self.queue.take(free, timeout_s=None if not self.rows else 0)
+        else:
+            # A full batch still lets one-shot work (prefill, score, adapters) through between steps.
+            self._taken = self.queue.take_where(lambda job: not isinstance(job, GenerateJob), ONE_SHOTS_PER_STEP)
+        # Jobs leave _taken only once answered or started, so a crash midway fails exactly the rest.
+        while self._taken:
+            job = self._taken[0]
+            if not job.reply.cancelled:
+                try:
+                    started = self._run_job(job)
+                except EngineError as exc:
+                    job.reply.send(exc)
+                    started = None
+                if started is not None:
+                    self._joining.append(started)
+            self._taken.pop(0)
+        if self._joining:
+            self._join(self._joining)
+            self._joining = []
+        if self.rows:
+            self._decode_step()
+        return True
+
+    def _run_job(self, job: Job) -> tuple[Row, Pairs] | None:
+        assert self.model is not None
+        if isinstance(job, GenerateJob):
+            return self._start_generation(job)
+        if isinstance(job, PrefillJob):
+            job.reply.send(self._prefill(job))
+        elif isinstance(job, ScoreJob):
+            job.reply.send(self._score(job))
+        elif isinstance(job, AdapterJob):
+            job.reply.send(self._adapter(job))
+        else:
+            raise TypeError(f"unknown job {type(job).__name__}")
+        return None
+
+    # Generation --------------------------------------------------------------------------------
+
+    def _start_generation(self, job: GenerateJob) -> tuple[Row, Pairs] | None:
+        model = self.model
+        assert model is not None
+        request = job.request
+        model.adapters.check(request.adapter)
+        past = None
+        if job.imported_kv is not None:
+            pairs, cached_ids = check_import(job.imported_kv, job.imported_metadata or {}, model.identity)
+            continuation = model.token_ids_of(job.continuation or [], "continuation", special=False)
+            prompt_ids = cached_ids + continuation
+            past = [(k.to(model.device), v.to(model.device)) for k, v in pairs]
+            if continuation:
+                new_ids = continuation
+            else:
+                # The last prompt token must go through the model again to yield the first logits.
+                past = [(k[:, :, :-1], v[:, :, :-1]) for k, v in past] if len(cached_ids) > 1 else None
+                new_ids = cached_ids[-1:]
+        else:
+            prompt_ids = model.prompt_ids(request)
+            new_ids = prompt_ids
+        model.check_context(len(prompt_ids), request.params.max_new_tokens)
+        progress = RowProgress(
+            len(prompt_ids),
+            request.params,
+            model.eos_token_ids,
+            model.decode,
+            request.adapter,
+            submitted_at=job.submitted_at,
+            admitted_at=time.monotonic(),
+        )
+        logits, cache = model.forward_prompt(new_ids, past, request.adapter)
+        generator = new_generator(request.params, model.device)
+        token = pick_tokens(logits[-1:], [request.params], [generator])[0]
+        row = Row(job, progress, generator, token)
+        if self._deliver(row, token):
+            return None
+        return row, cache
+
+    def _join(self, joining: list[tuple[Row, Pairs]]) -> None:
+        assert self._batch is not None
+        # The cache holds the prompt; the first sampled token is fed by the next decode step.
+        lengths = [cache[0][0].shape[-2] for _, cache in joining]
+        addition = self.layout.add([(row, length) for (row, _), length in zip(joining, lengths, strict=True)])
+        self._batch.add(addition, [cache for _, cache in joining], lengths)
+        self.rows.extend(row for row, _ in joining)
+
+    def _decode_step(self) -> None:
+        model, batch = self.model, self._batch
+        assert model is not None and batch is not None
+        if self._fault is not None:
+            (message, out_of_memory), self._fault = self._fault, None
+            raise torch.OutOfMemoryError(message) if out_of_memory else InjectedFault(message)
+        started = time.perf_counter()
+        rows = self.rows
+        input_ids = torch.tensor([[row.next_token] for row in rows], device=model.device)
+        positions = torch.tensor([[length] for length in self.layout.lengths], device=model.device)
+        padded = any(self.layout.pads())
+        cache, mask = batch.step_inputs(padded)
+        output = model.runnable(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **model.adapters.forward_kwargs([row.progress.adapter for row in rows]),
+        )
+        batch.after_step(output.past_key_values)
+        self.layout.advance()
+        tokens = pick_tokens(output.logits[:, -1], [r.progress.params for r in rows], [r.generator for r in rows])
+        self.stats.record_step(len(rows), time.perf_counter() - started)
+        leaving = []
+        for row, token in zip(rows, tokens, strict=True):
+            if row.job.reply.cancelled or self._deliver(row, token):
+                leaving.append(row)
+            else:
+                row.next_token = token
+        if leaving:
+            removal = self.layout.remove(leaving)
+            batch.remove(removal)
+            self.rows = [rows[i] for i in removal.keep]
+
+    def _deliver(self, row: Row, token: int) -> bool:
+        """Pass one token to the caller; True when the row is finished (and its result sent)."""
+        delta = row.progress.accept(token)
+        if delta.text or delta.token_ids:
+            row.job.reply.send(delta)
+        if row.progress.finished:
+            result = row.progress.result()
+            self.stats.record_request(result.total_time_s)
+            row.job.reply.send(result)
+            return True
+        return False
+
+    # One-shot model work -----------------------------------------------------------------------
+
+    def _prefill(self, job: PrefillJob) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        model = self.model
+        assert model is not None
+        model.adapters.check(job.adapter)
+        if job.messages is not None:
+            token_ids = model.chat_ids(job.messages)
+        else:
+            token_ids = model.token_ids_of(job.prompt or [], "prompt", special=True)
+        model.check_context(len(token_ids), 0)
+        _, cache = model.forward_prompt(token_ids, None, job.adapter)
+        return export_cache(cache, token_ids, model.identity, job.adapter)
+
+    def _score(self, job: ScoreJob) -> ScoreResult:
+        model = self.model
+        assert model is not None
+        model.adapters.check(job.adapter)
+        prompt = model.token_ids_of(job.prompt, "prompt", special=True)
+        completion = model.token_ids_of(job.completion, "completion", special=False)
+        if not prompt or not completion:
+            raise InvalidRequest("score needs a non-empty prompt and completion")
+        model.check_context(len(prompt) + len(completion), 0)
+        # Logits at positions len(prompt)-1 .. end-1 predict the completion tokens.
+        logits, _ = model.forward_prompt(prompt + completion, None, job.adapter, logits_to_keep=len(completion) + 1)
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        target = torch.tensor(completion, device=logprobs.device)
+        chosen = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+        best_logprobs, best_ids = logprobs.max(dim=-1)
+        return ScoreResult(
+            token_ids=tuple(completion),
+            logprobs=tuple(chosen.tolist()),
+            argmax_token_ids=tuple(best_ids.tolist()),
+            argmax_logprobs=tuple(best_logprobs.tolist()),
+            prompt_tokens=len(prompt),
+        )
+
+    def _adapter(self, job: AdapterJob) -> list[str]:
+        model = self.model
+        assert model is not None
+        if self.rows:
+            # peft changes modules in place; rows already decoding keep the adapters they started with.
+            busy = {row.progress.adapter for row in self.rows}
+            if job.action == "unload" and job.adapter_id in busy:
+                raise AdapterBusy(f"adapter {job.adapter_id!r} is in use by running requests")
+        if job.action == "load":
+            model.adapters.load(job.adapter_id, Path(job.folder or ""))
+        elif job.action == "unload":
+            model.adapters.unload(job.adapter_id)
+        model.adapter_ids = tuple(model.adapters.ids())
+        return list(model.adapter_ids)
+
+    # Failure handling --------------------------------------------------------------------------
+
+    def _recover(self, exc: Exception) -> None:
+        kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else "model failure"
+        # Callers that hear of the crash must not see "ready" before the recovery has run.
+        self._set_state("loading", f"recovering from: {exc}")
+        self._fail_in_flight(EngineCrashed(f"{kind} while running the batch: {type(exc).__name__}: {exc}"))
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > CRASH_WINDOW_S:
+            self._crashes.popleft()
+        if len(self._crashes) > self.config.max_recoveries:
+            self._go_down(f"{len(self._crashes)} crashes within {CRASH_WINDOW_S:.0f}s, last: {exc}")
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._set_state("ready")
+            return  # the weights are intact; the freed batch was the problem
+        # Anything else may have left modules half-updated: load the weights again, then the adapters.
+        old = self.model
+        try:
+            self.model = load_model_state(self.config, reuse_identity=old.identity if old else None)
+            if old is not None:
+                for adapter_id, folder in old.adapters.folders.items():
+                    self.model.adapters.load(adapter_id, folder)
+                self.model.adapter_ids = tuple(self.model.adapters.ids())
+            self._batch = BatchCache(self.model.model.config)
+            self._set_state("ready")
+        except Exception as reload_exc:
+            self._go_down(f"reload after a crash failed: {type(reload_exc).__name__}: {reload_exc}")
+
+    def _fail_in_flight(self, error: EngineError) -> None:
+        failing = [row.job for row in self.rows] + [row.job for row, _ in self._joining] + self._taken
+        self.rows, self._taken, self._joining = [], [], []
+        self.stats.requests_failed += len(failing)  # counted before the callers hear of it
+        for job in failing:
+            job.reply.send(error)
+        self.layout = BatchLayout(self.config.max_batch)
+        if self._batch is not None:
+            self._batch.clear()
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        self.state, self.reason = state, reason
+        self.on_state_change()
+
+    def _go_down(self, reason: str) -> None:
+        self._set_state("down", reason)
+        self._fail_in_flight(EngineDown(reason))
+
+    def _refuse_queued(self) -> bool:
+        """While down, answer every queued job with the reason; False once the queue is closed."""
+        for job in self.queue.take(self.queue.capacity, timeout_s=None):
+            job.reply.send(EngineDown(self.reason or "the engine is down"))
+        return not self.queue.closed
+

@@ -1,0 +1,107 @@
+"""The engine inside real daemons: OpenAI API, RPC generate/prefill, KV across nodes, ledger profile."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from libp2p.peer.id import ID as PeerID
+
+from knexa.node.engine import GenerationRequest, SamplingParams
+from knexa.node.inference_wire import PrefillCall, remote_prefill
+from tests.conftest import api_get, p2p_addr, running_daemon, wait_for
+from tests.engine_helpers import build_tiny_model
+
+QUESTION = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+async def _ready(daemon) -> bool:
+    return (await api_get(daemon, "/v1/engine")).json()["state"] == "ready"
+
+
+async def _post(daemon, path: str, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=60) as client:
+        return await client.post(path, json=body, headers={"Authorization": f"Bearer {daemon.api_token}"})
+
+
+async def test_openai_client_streams_a_completion(tmp_path, tiny_model):
+    from openai import AsyncOpenAI
+
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        await wait_for(lambda: _ready(a), 60)
+        client = AsyncOpenAI(base_url=a.api_url + "/v1", api_key=a.api_token)
+        models = await client.models.list()
+        name = models.data[0].id
+        stream = await client.chat.completions.create(
+            model=name, messages=QUESTION, max_tokens=8, stream=True
+        )
+        pieces, finish = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        assert "".join(pieces) and finish in ("stop", "length")
+        whole = await client.chat.completions.create(model=name, messages=QUESTION, max_tokens=8)
+        assert whole.choices[0].message.content == "".join(pieces)  # greedy both times
+        assert whole.usage.completion_tokens > 0
+        await client.close()
+
+
+async def test_kv_cache_prefilled_on_a_continues_on_b(tmp_path, tiny_model):
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        async with running_daemon(tmp_path / "b", [p2p_addr(a)], model=tiny_model) as b:
+            await wait_for(lambda: _ready(a), 60)
+            await wait_for(lambda: _ready(b), 60)
+            prompt = "the quick brown fox"
+            kv, meta = await remote_prefill(b.rpc, PeerID.from_base58(a.peer_id), PrefillCall(prompt=prompt))
+            assert meta["token_ids"] and meta["num_layers"] * 2 == len(kv)
+            params = SamplingParams(max_new_tokens=10)
+            engine_b = b.inference.require_engine()
+            from_cache = await engine_b.generate_from_cache(kv, meta, request=GenerationRequest(params=params))
+            local = await engine_b.generate(
+                GenerationRequest(prompt_token_ids=meta["token_ids"], params=params)
+            )
+            assert from_cache.token_ids == local.token_ids
+
+
+async def test_remote_completion_and_profile_in_the_ledger(tmp_path, tiny_model):
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        async with running_daemon(tmp_path / "b", [p2p_addr(a)]) as b:  # b runs no model
+            await wait_for(lambda: _ready(a), 60)
+            body = {"messages": QUESTION, "max_tokens": 6, "peer": a.peer_id}
+            response = await _post(b, "/v1/chat/completions", body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"]
+            local = await _post(b, "/v1/chat/completions", {"messages": QUESTION})
+            assert local.status_code == 503 and "no model" in local.text
+
+            def a_profile_has_model() -> bool:
+                profile = b.ledger.profiles().get(a.peer_id)
+                return bool(profile and profile.models)
+
+            await wait_for(a_profile_has_model, 20)
+            model = b.ledger.profiles()[a.peer_id].models[0]
+            assert model.weights_hash and model.architecture
+            peers = (await api_get(b, "/v1/peers")).json()["peers"]
+            assert peers[0]["profile"]["models"] == [model.name]
+
+
+async def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(tmp_path, tiny_model):
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        await wait_for(lambda: _ready(a), 60)
+        unknown = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "adapter": "nope"})
+        assert unknown.status_code == 400 and "adapter" in unknown.text
+        too_long = await _post(a, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a b " * 2000}]})
+        assert too_long.status_code == 400
+        malformed = await _post(a, "/v1/chat/completions", {"messages": [{"role": "user"}]})
+        assert malformed.status_code == 422
+        empty = await _post(a, "/v1/chat/completions", {"messages": []})
+        assert empty.status_code == 422
+        bad_peer = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "peer": "not-a-peer"})
+        assert bad_peer.status_code == 400
+        ok = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4})
+        assert ok.status_code == 200
