@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from knexa.net.version import KNEXA_VERSION
-from knexa.node.openai_api import add_openai_routes
+from knexa.node.openai_api import add_adapter_routes, add_openai_routes
 
 if TYPE_CHECKING:
     from knexa.node.daemon import Daemon
@@ -141,6 +141,7 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     router = APIRouter(dependencies=authed)
     add_openai_routes(router, daemon)
+    add_adapter_routes(router, daemon)
     app.include_router(router)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)

@@ -85,6 +85,45 @@ async def _events(daemon: Daemon, request: ChatRequest) -> AsyncIterator[dict[st
             yield {"result": event.to_dict()} if hasattr(event, "finish_reason") else {"delta": event.text}
 
 
+class AdapterLoad(BaseModel):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    path: str
+
+
+def add_adapter_routes(router: APIRouter, daemon: Daemon) -> None:
+    """LoRA adapters of the local engine: list, load from a folder, unload; never merged."""
+
+    def engine() -> Any:
+        if daemon.inference is None:
+            raise HTTPException(503, "this node runs no model (started with model = none)")
+        try:
+            return daemon.inference.require_engine()
+        except Exception as exc:
+            raise _http_error(exc) from None
+
+    @router.get("/v1/adapters")
+    async def list_adapters() -> Any:
+        return {"adapters": engine().adapters()}
+
+    @router.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad) -> Any:
+        try:
+            return {"adapters": await engine().load_adapter(body.id, body.path)}
+        except Exception as exc:
+            if not _is_engine_error(exc):
+                raise
+            raise _http_error(exc) from None
+
+    @router.delete("/v1/adapters/{adapter_id}")
+    async def unload_adapter(adapter_id: str) -> Any:
+        try:
+            return {"adapters": await engine().unload_adapter(adapter_id)}
+        except Exception as exc:
+            if not _is_engine_error(exc):
+                raise
+            raise _http_error(exc) from None
+
+
 def add_openai_routes(router: APIRouter, daemon: Daemon) -> None:
     @router.get("/v1/models")
     async def models() -> Any:

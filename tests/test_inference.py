@@ -105,3 +105,23 @@ async def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(tmp_pa
         assert bad_peer.status_code == 400
         ok = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 4})
         assert ok.status_code == 200
+
+
+async def test_adapters_load_use_and_unload_through_the_api(tmp_path, tiny_model):
+    from knexa.node.engine import create_random_lora_adapter
+
+    adapter_dir = tmp_path / "lora-a"
+    create_random_lora_adapter(tiny_model, adapter_dir, seed=1, b_std=0.3)
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        await wait_for(lambda: _ready(a), 60)
+        loaded = await _post(a, "/v1/adapters", {"id": "style-a", "path": str(adapter_dir)})
+        assert loaded.status_code == 200 and loaded.json()["adapters"] == ["style-a"]
+        base = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 8})
+        tuned = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 8, "adapter": "style-a"})
+        assert base.status_code == tuned.status_code == 200
+        assert base.json()["choices"][0]["message"]["content"] != tuned.json()["choices"][0]["message"]["content"]
+        bad = await _post(a, "/v1/adapters", {"id": "broken", "path": str(tmp_path / "missing")})
+        assert bad.status_code == 400
+        async with httpx.AsyncClient(base_url=a.api_url, timeout=30) as client:
+            gone = await client.delete("/v1/adapters/style-a", headers={"Authorization": f"Bearer {a.api_token}"})
+        assert gone.status_code == 200 and gone.json()["adapters"] == []
