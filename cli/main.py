@@ -222,6 +222,51 @@ def ask(
     sys.stdout.write("\n")
 
 
+find_app = typer.Typer(help="Find models and peers through the DHT.", no_args_is_help=True)
+app.add_typer(find_app, name="find")
+
+
+@find_app.command("model")
+def find_model(
+    name: Annotated[str, typer.Argument(help="Model name or weights hash.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """Peers that serve a model."""
+    from urllib.parse import quote
+
+    found = _get(_client(data_dir, config, api, token), f"/v1/find/model/{quote(name, safe='')}")
+    if json_:
+        _print_json(found)
+        return
+    providers = found["providers"]
+    console.print(f"{len(providers)} provider(s) of {name} ({found['ms']:.0f} ms)", highlight=False)
+    for provider in providers:
+        console.print(f"  {provider['peer_id']}  {' '.join(provider['addrs'][:2])}", highlight=False)
+
+
+@find_app.command("peer")
+def find_peer(
+    peer_id: Annotated[str, typer.Argument(help="The peer id.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """A peer's addresses."""
+    found = _get(_client(data_dir, config, api, token), f"/v1/find/peer/{peer_id}")
+    if json_:
+        _print_json(found)
+        return
+    console.print(f"{found['peer_id']} ({found['ms']:.0f} ms)", highlight=False)
+    for addr in found["addrs"]:
+        console.print(f"  {addr}", highlight=False)
+
+
 @app.command()
 def ledger(
     peer: Annotated[str | None, typer.Option("--peer", help="Only entries authored by this peer id.")] = None,

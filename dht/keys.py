@@ -48,8 +48,7 @@ def parse_peer_id(text: PeerID | str) -> PeerID:
 def check_record_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise DhtKeyError(
-            f"invalid record name {name!r}: use 1-64 chars of a-z 0-9 . _ - "
-            "starting with a letter or digit"
+            f"invalid record name {name!r}: use 1-64 chars of a-z 0-9 . _ - starting with a letter or digit"
         )
     return name
 

@@ -11,6 +11,7 @@ n+1), so the hop count it reports is the real length of the referral chain.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -69,7 +70,7 @@ async def iterative_lookup(
             depth.setdefault(p, 1)
     queried: set[PeerID] = set()
     trace = LookupTrace()
-    send, recv = trio.open_memory_channel[tuple[PeerID, Reply | None]](0)
+    send, recv = trio.open_memory_channel[tuple[PeerID, Reply | None]](math.inf)
 
     def next_candidate() -> PeerID | None:
         live = sorted((p for p in depth if p not in trace.dead), key=lambda p: peer_hash(p) ^ t)
@@ -85,6 +86,20 @@ async def iterative_lookup(
             reply = None
         await send.send((peer, reply))
 
+    def absorb(peer: PeerID, reply: Reply | None) -> None:
+        hop = depth[peer]
+        if reply is None:
+            trace.failed += 1
+            trace.dead.add(peer)
+            return
+        trace.answered.append(peer)
+        trace.max_hops = max(trace.max_hops, hop)
+        if reply.hit and trace.hit_hops is None:
+            trace.hit_hops = hop
+        for c in reply.closer:
+            if c not in excluded and c not in depth:
+                depth[c] = hop + 1
+
     in_flight = 0
     async with trio.open_nursery() as nursery:
         while not done():
@@ -98,19 +113,13 @@ async def iterative_lookup(
                 nursery.start_soon(ask, cand)
             if in_flight == 0:
                 break
-            peer, reply = await recv.receive()
+            absorb(*await recv.receive())
             in_flight -= 1
-            hop = depth[peer]
-            if reply is None:
-                trace.failed += 1
-                trace.dead.add(peer)
-                continue
-            trace.answered.append(peer)
-            trace.max_hops = max(trace.max_hops, hop)
-            if reply.hit and trace.hit_hops is None:
-                trace.hit_hops = hop
-            for c in reply.closer:
-                if c not in excluded and c not in depth:
-                    depth[c] = hop + 1
         nursery.cancel_scope.cancel()
+    # replies that arrived while `done()` turned true still count
+    while True:
+        try:
+            absorb(*recv.receive_nowait())
+        except trio.WouldBlock:
+            break
     return trace

@@ -93,9 +93,7 @@ class KadClient:
         reply = await self._request(peer, msg)
         return [p for p in self._learn(reply.closerPeers) if p.addrs]
 
-    async def get_providers(
-        self, peer: PeerID, key: bytes
-    ) -> tuple[list[PeerInfo], list[PeerID]]:
+    async def get_providers(self, peer: PeerID, key: bytes) -> tuple[list[PeerInfo], list[PeerID]]:
         msg = Message(type=Message.MessageType.GET_PROVIDERS, key=key)
         reply = await self._request(peer, msg)
         return self._learn(reply.providerPeers), self._closer(reply)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel
 
+from knexa.dht import DhtKeyError, DiscoveryError
 from knexa.net.version import KNEXA_VERSION
 from knexa.node.openai_api import add_adapter_routes, add_openai_routes
 
@@ -48,6 +51,7 @@ class NodeInfo(BaseModel):
     streams_open: int
     ledger: LedgerStats | None = None
     engine: dict[str, Any] | None = None
+    dht: dict[str, Any] | None = None
 
 
 class ProfileSummary(BaseModel):
@@ -131,6 +135,34 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def ledger(peer: str | None = None) -> Any:
         """Ledger entries (all verified on merge), optionally only those authored by `peer`."""
         return daemon.ledger_view(peer)
+
+    @app.get("/v1/find/model/{name_or_hash}", dependencies=authed)
+    async def find_model(name_or_hash: str, limit: int = 20) -> Any:
+        """Peers that announced serving this model (by name or weights hash) in the DHT."""
+        started = time.perf_counter()
+        try:
+            providers = await daemon.discovery.find_model(name_or_hash, limit=min(max(limit, 1), 100), timeout=10)
+        except DhtKeyError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except DiscoveryError as exc:
+            raise HTTPException(502, f"lookup failed: {exc}") from None
+        return {"providers": providers, "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+    @app.get("/v1/find/peer/{peer_id}", dependencies=authed)
+    async def find_peer(peer_id: str) -> Any:
+        """A peer's addresses, resolved through the DHT."""
+        try:
+            PeerID.from_base58(peer_id)
+        except ValueError:
+            raise HTTPException(400, f"not a peer id: {peer_id!r}") from None
+        started = time.perf_counter()
+        try:
+            found = await daemon.discovery.find_peer(peer_id, timeout=10)
+        except DiscoveryError as exc:
+            raise HTTPException(502, f"lookup failed: {exc}") from None
+        if found is None:
+            raise HTTPException(404, f"peer {peer_id} was not found in the DHT")
+        return {**found, "ms": round((time.perf_counter() - started) * 1000, 1)}
 
     @app.get("/v1/engine", dependencies=authed)
     async def engine() -> Any:

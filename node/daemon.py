@@ -23,6 +23,7 @@ from hypercorn.trio import serve
 from knexa.crdt.ledger import Ledger
 from knexa.crdt.profile import CapabilityProfile, Device, Reachability
 from knexa.crdt.store import LedgerStore
+from knexa.dht import Discovery
 from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
@@ -134,6 +135,7 @@ class Daemon:
         self.metrics = NodeMetrics(self.mesh, self.traffic, self.started_at)
         self.rpc = RpcService(self.host, self.key_pair)
         self.rpc.register_metrics(self.metrics.registry)
+        self.discovery = Discovery(self.host, self.key_pair, bootstrap=self.bootstrap_addrs)
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None
         self.inference: InferenceService | None = None
@@ -150,6 +152,7 @@ class Daemon:
             )
             self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)
         self.api_url = ""
+        self._nursery: trio.Nursery | None = None
 
     # -- what the API and CLI show ------------------------------------------
     def own_profile(self) -> CapabilityProfile:
@@ -164,6 +167,17 @@ class Daemon:
     def _profile_changed(self) -> None:
         if self.ledger_service is not None:
             self.ledger_service.refresh_profile()
+        model = (self.inference.status().get("model") or {}) if self.inference is not None else {}
+        ready = self.inference is not None and self.inference.status().get("state") == "ready"
+        if ready and model and self._nursery is not None:
+            self._nursery.start_soon(self._announce_model, model["name"], model["weights_sha256"])
+
+    async def _announce_model(self, name: str, weights_hash: str) -> None:
+        try:
+            accepted = await self.discovery.announce_model(name, weights_hash)
+            log.info("event=model_announced model=%s providers_accepted=%d", name, accepted)
+        except Exception as exc:  # no DHT peers yet: the discovery re-announces periodically
+            log.debug('event=model_announce_failed model=%s reason="%s"', name, exc)
 
     def require_inference(self) -> InferenceService:
         if self.inference is None:
@@ -200,6 +214,7 @@ class Daemon:
             "bytes_out": self.traffic.bytes_out,
             "streams_open": self.mesh.streams_open(),
             "ledger": self.ledger_service.stats() if self.ledger_service is not None else None,
+            "dht": self.discovery.stats(),
             "engine": _engine_summary(self.inference.status()) if self.inference is not None else None,
         }
 
@@ -231,8 +246,11 @@ class Daemon:
 
     async def _run_services(self, pubsub: Any, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.mesh.run)
             await nursery.start(self.rpc.run)
+            # Not awaited: bootstrapping the DHT may wait on unreachable peers.
+            nursery.start_soon(self.discovery.run)
             assert self.ledger is not None
             self.ledger_service = LedgerService(self.ledger, self.rpc, pubsub, self.mesh, self.own_profile)
             await nursery.start(self.ledger_service.run)
