@@ -19,6 +19,7 @@ import multiaddr
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from libp2p.peer.id import ID as PeerID
 
 from knexa.crdt.ledger import Ledger
 from knexa.crdt.profile import CapabilityProfile, Device, Reachability
@@ -136,6 +137,7 @@ class Daemon:
         self.rpc = RpcService(self.host, self.key_pair)
         self.rpc.register_metrics(self.metrics.registry)
         self.discovery = Discovery(self.host, self.key_pair, bootstrap=self.bootstrap_addrs)
+        self.rpc.resolve_peer = self._resolve_peer
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None
         self.inference: InferenceService | None = None
@@ -171,6 +173,15 @@ class Daemon:
         ready = self.inference is not None and self.inference.status().get("state") == "ready"
         if ready and model and self._nursery is not None:
             self._nursery.start_soon(self._announce_model, model["name"], model["weights_sha256"])
+
+    async def _resolve_peer(self, peer: PeerID) -> None:
+        """Addresses for a peer we are not connected to: the peerstore's, else the DHT's."""
+        try:
+            if self.host.get_peerstore().addrs(peer):
+                return
+        except Exception:  # py-libp2p raises for a peer it has never heard of
+            pass
+        await self.discovery.connect_peer(peer, timeout=10)
 
     async def _announce_model(self, name: str, weights_hash: str) -> None:
         try:

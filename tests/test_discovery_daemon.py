@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID as PeerID
 
@@ -33,3 +34,25 @@ async def test_a_node_finds_a_model_and_its_server_two_hops_away(tmp_path, tiny_
                 assert (await api_get(c, "/v1/find/peer/not-a-peer-id")).status_code == 400
                 nothing = (await api_get(c, "/v1/find/model/no-such-model")).json()
                 assert nothing["providers"] == []
+
+
+async def test_rpc_to_a_peer_never_met_resolves_it_through_the_dht(tmp_path, tiny_model):  # noqa: F811
+    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
+        async with running_daemon(tmp_path / "b", [p2p_addr(a)]) as b:
+            async with running_daemon(tmp_path / "c", [p2p_addr(b)]) as c:
+                await wait_for(lambda: _ready(a), 60)
+                a_id = PeerID.from_base58(a.peer_id)
+                await wait_for(lambda: a.discovery.stats()["routing_table_size"] >= 1, 15)
+                # c forgets a completely: no connection, no addresses.
+                if c.host.get_network().get_connections(a_id):
+                    await c.host.disconnect(a_id)
+                c.host.get_peerstore().clear_addrs(a_id)
+                lookups_before = c.discovery.stats()["lookups_done"]
+                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "peer": a.peer_id}
+                async with httpx.AsyncClient(base_url=c.api_url, timeout=60) as client:
+                    response = await client.post(
+                        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {c.api_token}"}
+                    )
+                assert response.status_code == 200, response.text
+                assert c.host.get_network().get_connections(a_id)
+                assert c.discovery.stats()["lookups_done"] > lookups_before

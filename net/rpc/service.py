@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -81,6 +81,9 @@ class RpcService:
         self._clients: defaultdict[PeerID, list[ClientSession]] = defaultdict(list)
         self._dial_locks: defaultdict[PeerID, trio.Lock] = defaultdict(trio.Lock)
         self._nursery: trio.Nursery | None = None
+        # Called before dialing a peer that is not connected, e.g. to look its
+        # addresses up in the DHT; it may connect the peer itself.
+        self.resolve_peer: Callable[[PeerID], Awaitable[None]] | None = None
 
     # -- registration ------------------------------------------------------
 
@@ -199,6 +202,13 @@ class RpcService:
                 return min(pool, key=lambda s: len(s.calls))
             if self._nursery is None:
                 raise RpcError(ErrorCode.UNAVAILABLE, "RpcService is not running")
+            if self.resolve_peer is not None and not self.host.get_network().get_connections(peer_id):
+                try:
+                    await self.resolve_peer(peer_id)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:
+                    raise RpcError(ErrorCode.UNAVAILABLE, f"cannot reach {peer_id}: {exc}") from None
             try:
                 stream = await self.host.new_stream(peer_id, [self.protocol_id])
             except trio.Cancelled:
