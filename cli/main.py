@@ -93,6 +93,7 @@ def start(
         str | None, typer.Option(help="'embedded' (shipped SmolLM2), a Hugging Face model folder, or 'none'.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
+    dht_mode: Annotated[str | None, typer.Option(help="server, or client behind a NAT [default: server].")] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM."""
     import trio
@@ -112,6 +113,7 @@ def start(
         ping_interval_s=ping_interval,
         model=model,
         device=device,
+        dht_mode=dht_mode,
     )
     setup_logging(cfg.log_level)
     try:

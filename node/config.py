@@ -38,6 +38,9 @@ class NodeConfig:
     # "embedded" (the shipped SmolLM2), a Hugging Face model folder, or "none"
     model: str = "embedded"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # DHT server mode answers other peers' queries; a node that others cannot
+    # dial (behind a NAT) should run as a client.
+    dht_mode: str = "server"
     # converted models are cached here, shared by every node of this user
     cache_dir: Path = field(default_factory=default_data_dir)
 
@@ -59,6 +62,8 @@ class NodeConfig:
             raise ConfigError("ping_interval_s must be positive")
         if self.model not in ("embedded", "none") and not Path(self.model).expanduser().is_dir():
             raise ConfigError(f"model {self.model!r} is not 'embedded', 'none' or a model folder")
+        if self.dht_mode not in ("server", "client"):
+            raise ConfigError(f"dht_mode must be server or client, not {self.dht_mode!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         return self

@@ -136,7 +136,9 @@ class Daemon:
         self.metrics = NodeMetrics(self.mesh, self.traffic, self.started_at)
         self.rpc = RpcService(self.host, self.key_pair)
         self.rpc.register_metrics(self.metrics.registry)
-        self.discovery = Discovery(self.host, self.key_pair, bootstrap=self.bootstrap_addrs)
+        self.discovery = Discovery(
+            self.host, self.key_pair, server=config.dht_mode == "server", bootstrap=self.bootstrap_addrs
+        )
         self.rpc.resolve_peer = self._resolve_peer
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None

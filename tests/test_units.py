@@ -62,6 +62,9 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ("ping_interval_s = 0\n", "positive"),
         ("listen = 5\n", "list of strings"),
         ("node = 5\n", "must be a table"),
+        ('dht_mode = "relay"\n', "dht_mode"),
+        ('model = "/no/such/folder"\n', "model"),
+        ('device = "tpu"\n', "device"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, text, message):
