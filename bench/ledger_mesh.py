@@ -25,7 +25,8 @@ from knexa.node.logs import setup_logging
 
 async def start_node(nursery: trio.Nursery, data_dir: Path, bootstrap: list[str]) -> Daemon:
     config = NodeConfig(
-        data_dir=data_dir, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, api_port=0, ping_interval_s=10
+        data_dir=data_dir, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, api_port=0, ping_interval_s=10,
+        model="none",
     ).validate()
     daemon = Daemon(config)
     await nursery.start(daemon.run)

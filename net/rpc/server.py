@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from libp2p.peer.id import ID as PeerID
 
+from knexa.net.failures import failure_reason
 from knexa.net.rpc.call import CallState
 from knexa.net.rpc.config import INITIAL_WINDOW, MAX_WINDOW
 from knexa.net.rpc.envelope import Envelope, Kind, decode_envelope, now_ms
@@ -273,7 +274,9 @@ class ServerSession:
                     await self.send_error(call.call_id, spec.name, err)
                 except Exception as exc:
                     outcome = "internal"
-                    log.exception("rpc handler %s failed", spec.name)
+                    # Traceback at debug level; often just a peer that went away mid-reply.
+                    log.warning('event=rpc_handler_failed method=%s reason="%s"', spec.name,
+                                failure_reason(exc), exc_info=True)
                     await self.send_error(call.call_id, spec.name,
                                           RpcError(ErrorCode.INTERNAL, type(exc).__name__))
             if scope.cancelled_caught:
