@@ -14,6 +14,7 @@ from libp2p.tools.anyio_service import background_trio_service
 # topic (see BRIEF section 2); publishers batch below these.
 MAX_PUBLISH_BYTES = 1 << 20
 MAX_PUBLISH_PER_S = 10
+FORWARDED_PER_PEER_PER_S = 500.0
 
 
 def build_gossipsub() -> GossipSub:
@@ -27,6 +28,12 @@ def build_gossipsub() -> GossipSub:
         # a LAN or a loopback testnet cannot offer; peers are authenticated
         # and every ledger entry is signed, so a flooding peer gains nothing.
         eclipse_protection_enabled=False,
+        # The default (10/s) counts *forwarded* messages per forwarding peer and
+        # penalises the forwarder's score, so in a mesh of a few dozen nodes
+        # honest relays get dropped and pruned and deltas fall back to the 30 s
+        # anti-entropy. Publishers here batch to 5/s each and every entry is
+        # signature-checked; this bound still stops a flooding peer.
+        max_messages_per_topic_per_second=FORWARDED_PER_PEER_PER_S,
     )
 
 
