@@ -75,6 +75,8 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
         ("bootstrap", "\n".join(node["bootstrap"]) or "-"),
         ("traffic", f"{human_bytes(node['bytes_in'])} in, {human_bytes(node['bytes_out'])} out"),
         ("ledger", _ledger_line(node.get("ledger"))),
+        ("engine", _engine_line(node.get("engine"))),
+        ("dht", _dht_line(node.get("dht"))),
         ("local API", node["api"]),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -127,4 +129,25 @@ def _ledger_line(stats: dict[str, Any] | None) -> str:
     return (
         f"{stats['entries']} entries, {rejected} rejected, "
         f"{stats['syncs_ok']} syncs ok, {stats['syncs_failed']} failed"
+    )
+
+
+def _engine_line(engine: dict[str, Any] | None) -> str:
+    if not engine:
+        return "none (started with model = none)"
+    if engine["state"] != "ready":
+        return f"{engine['state']}" + (f": {engine['reason']}" if engine.get("reason") else "")
+    speed = f"{engine['tokens_per_s']:.1f} tok/s" if engine.get("tokens_per_s") else "no requests yet"
+    return (
+        f"{engine['model']} on {engine['device']} ({engine['dtype']}), queue {engine['queue_length']}, "
+        f"{engine['requests_served']} served, {speed}"
+    )
+
+
+def _dht_line(dht: dict[str, Any] | None) -> str:
+    if not dht:
+        return "-"
+    return (
+        f"{dht['mode']}, routing table {dht['routing_table_size']}, "
+        f"{dht['provided_keys']} keys provided, {dht['lookups_done']} lookups ({dht['lookups_failed']} failed)"
     )
