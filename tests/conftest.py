@@ -23,7 +23,11 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running_daemon(
-    data_dir: Path, bootstrap: list[str] | None = None, port: int = 0, model: str = "none"
+    data_dir: Path,
+    bootstrap: list[str] | None = None,
+    port: int = 0,
+    model: str = "none",
+    cache_dir: Path | None = None,
 ) -> AsyncIterator[Daemon]:
     config = NodeConfig(
         data_dir=data_dir,
@@ -32,7 +36,7 @@ async def running_daemon(
         api_port=0,
         ping_interval_s=0.5,
         model=model,
-        cache_dir=data_dir / "cache",
+        cache_dir=cache_dir or data_dir / "cache",
     ).validate()
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:

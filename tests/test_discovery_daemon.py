@@ -48,11 +48,14 @@ async def test_rpc_to_a_peer_never_met_resolves_it_through_the_dht(tmp_path, tin
                     await c.host.disconnect(a_id)
                 c.host.get_peerstore().clear_addrs(a_id)
                 lookups_before = c.discovery.stats()["lookups_done"]
+                # No checkpoint since the addresses were cleared, so nothing can have
+                # re-taught them: only the DHT can find a now.
+                await c.rpc.resolve_peer(a_id)
+                assert c.discovery.stats()["lookups_done"] > lookups_before
+                assert c.host.get_network().get_connections(a_id)
                 body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "peer": a.peer_id}
                 async with httpx.AsyncClient(base_url=c.api_url, timeout=60) as client:
                     response = await client.post(
                         "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {c.api_token}"}
                     )
                 assert response.status_code == 200, response.text
-                assert c.host.get_network().get_connections(a_id)
-                assert c.discovery.stats()["lookups_done"] > lookups_before

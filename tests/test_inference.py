@@ -52,10 +52,14 @@ async def test_openai_client_streams_a_completion(tmp_path, tiny_model):
 
 
 async def test_kv_cache_prefilled_on_a_continues_on_b(tmp_path, tiny_model):
-    async with running_daemon(tmp_path / "a", model=tiny_model) as a:
-        async with running_daemon(tmp_path / "b", [p2p_addr(a)], model=tiny_model) as b:
-            await wait_for(lambda: _ready(a), 60)
+    # The engines pick their CPU dtype by timing a few steps; a KV cache only
+    # moves between engines of one dtype, so B reuses the choice A recorded.
+    shared = tmp_path / "shared-cache"
+    async with running_daemon(tmp_path / "a", model=tiny_model, cache_dir=shared) as a:
+        await wait_for(lambda: _ready(a), 60)
+        async with running_daemon(tmp_path / "b", [p2p_addr(a)], model=tiny_model, cache_dir=shared) as b:
             await wait_for(lambda: _ready(b), 60)
+            assert (await api_get(a, "/v1/engine")).json()["dtype"] == (await api_get(b, "/v1/engine")).json()["dtype"]
             prompt = "the quick brown fox"
             kv, meta = await remote_prefill(b.rpc, PeerID.from_base58(a.peer_id), PrefillCall(prompt=prompt))
             assert meta["token_ids"] and meta["num_layers"] * 2 == len(kv)
