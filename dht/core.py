@@ -28,7 +28,6 @@ from libp2p.records.validator import NamespacedValidator
 
 from knexa.dht.config import DiscoveryConfig, DiscoveryError
 from knexa.dht.envelope import SignedRecord
-from knexa.dht.feed import ConnectionFeed
 from knexa.dht.kad import KnexaKadDHT
 from knexa.dht.keys import (
     RECORD_NAMESPACE,
@@ -37,6 +36,7 @@ from knexa.dht.logs import quiet_dht_stream_noise
 from knexa.dht.lookup import LookupTrace, Reply, iterative_lookup, sort_by_distance
 from knexa.dht.rpc import KadClient
 from knexa.dht.validator import KnexaRecordValidator
+from knexa.net.notifee import ConnectionNotifee
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class DhtCore:
             strict_validation=True,
         )
         self.client = KadClient(host, self.config.rpc_timeout)
-        self._feed = ConnectionFeed(self._on_connected)
+        # py-libp2p does not feed the routing table from connections; this does.
+        self._feed = ConnectionNotifee(lambda conn: self._on_connected(conn.muxed_conn.peer_id))
         self._nursery: trio.Nursery | None = None
         self._own: dict[str, OwnRecord] = {}
         self._provided: dict[bytes, float] = {}  # key -> last announced (monotonic)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
@@ -20,6 +20,7 @@ from libp2p.utils.varint import read_length_prefixed_protobuf
 
 from knexa.net.backoff import Backoff
 from knexa.net.failures import failure_reason
+from knexa.net.notifee import ConnectionNotifee
 from knexa.net.peers import PeerConnection, PeerTable, connection_kind
 
 log = logging.getLogger("knexa.mesh")
@@ -35,37 +36,13 @@ class _ConnEvent:
     conn: INetConn
 
 
-class _Notifee(INotifee):
-    """Forwards connection events from the swarm to the mesh's own task."""
-
-    def __init__(self, send: trio.MemorySendChannel[_ConnEvent]) -> None:
-        self._send = send
-
-    def _post(self, event: _ConnEvent) -> None:
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            log.warning("event=conn_event_dropped reason=queue_full")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the mesh is shutting down
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._post(_ConnEvent(True, conn))
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        self._post(_ConnEvent(False, conn))
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        pass
+def _post(send: trio.MemorySendChannel[_ConnEvent], event: _ConnEvent) -> None:
+    try:
+        send.send_nowait(event)
+    except trio.WouldBlock:
+        log.warning("event=conn_event_dropped reason=queue_full")
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # the mesh is shutting down
 
 
 def _describe(conn: INetConn) -> tuple[str, str]:
@@ -122,7 +99,11 @@ class Mesh:
     # -- lifecycle -------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, receive = trio.open_memory_channel[_ConnEvent](1024)
-        notifee = _Notifee(send)
+        # The swarm awaits notifees inline: hand events to the mesh's own task.
+        notifee = ConnectionNotifee(
+            lambda conn: _post(send, _ConnEvent(True, conn)),
+            lambda conn: _post(send, _ConnEvent(False, conn)),
+        )
         network = self.host.get_network()
         network.register_notifee(notifee)
         try:

@@ -171,9 +171,9 @@ class Daemon:
     def _profile_changed(self) -> None:
         if self.ledger_service is not None:
             self.ledger_service.refresh_profile()
-        model = (self.inference.status().get("model") or {}) if self.inference is not None else {}
-        ready = self.inference is not None and self.inference.status().get("state") == "ready"
-        if ready and model and self._nursery is not None:
+        status = self.inference.status() if self.inference is not None else {}
+        model = status.get("model")
+        if status.get("state") == "ready" and model and self._nursery is not None:
             self._nursery.start_soon(self._announce_model, model["name"], model["weights_sha256"])
 
     async def _resolve_peer(self, peer: PeerID) -> None:

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
@@ -93,35 +93,30 @@ class AdapterLoad(BaseModel):
 def add_adapter_routes(router: APIRouter, daemon: Daemon) -> None:
     """LoRA adapters of the local engine: list, load from a folder, unload; never merged."""
 
-    def engine() -> Any:
+    async def on_engine(operation: Callable[[Any], Awaitable[list[str]]]) -> dict[str, list[str]]:
         if daemon.inference is None:
             raise HTTPException(503, "this node runs no model (started with model = none)")
         try:
-            return daemon.inference.require_engine()
+            return {"adapters": await operation(daemon.inference.require_engine())}
         except Exception as exc:
+            if not _is_engine_error(exc):
+                raise
             raise _http_error(exc) from None
+
+    async def listed(engine: Any) -> list[str]:
+        return engine.adapters()
 
     @router.get("/v1/adapters")
     async def list_adapters() -> Any:
-        return {"adapters": engine().adapters()}
+        return await on_engine(listed)
 
     @router.post("/v1/adapters")
     async def load_adapter(body: AdapterLoad) -> Any:
-        try:
-            return {"adapters": await engine().load_adapter(body.id, body.path)}
-        except Exception as exc:
-            if not _is_engine_error(exc):
-                raise
-            raise _http_error(exc) from None
+        return await on_engine(lambda engine: engine.load_adapter(body.id, body.path))
 
     @router.delete("/v1/adapters/{adapter_id}")
     async def unload_adapter(adapter_id: str) -> Any:
-        try:
-            return {"adapters": await engine().unload_adapter(adapter_id)}
-        except Exception as exc:
-            if not _is_engine_error(exc):
-                raise
-            raise _http_error(exc) from None
+        return await on_engine(lambda engine: engine.unload_adapter(adapter_id))
 
 
 def add_openai_routes(router: APIRouter, daemon: Daemon) -> None:
