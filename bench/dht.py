@@ -18,11 +18,8 @@ content key, then, from random nodes, for keys provided by another node:
 All hosts share one Python process and one trio loop, so the CPU of every
 "remote" peer is charged to the lookup being timed.
 
-By default the benchmark stops py-libp2p's auto-connector on every host: it
-dials peers from the peerstore until a host holds 100+ connections, so 100
-in-process hosts otherwise build a full mesh and spend the one CPU on Noise
-handshakes and identify (a real node has its own CPU for that). Pass
---autoconnect to keep the stock behaviour.
+Hosts built by knexa.net.host never run py-libp2p's auto-connector, so the
+mesh is the one the bootstrap links and the lookups themselves create.
 """
 
 from __future__ import annotations
@@ -51,7 +48,7 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-async def run_size(n: int, lookups: int, alpha: int, seed: int, autoconnect: bool) -> dict[str, float]:
+async def run_size(n: int, lookups: int, alpha: int, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     cfg = fast_config(alpha=alpha, rpc_timeout=5.0, lookup_timeout=20.0)
     async with trio.open_nursery() as nursery:
@@ -60,8 +57,6 @@ async def run_size(n: int, lookups: int, alpha: int, seed: int, autoconnect: boo
         for _ in range(n):
             boot = [rng.choice(nodes).addr] if nodes else []
             node = await start_node(nursery, boot, config=cfg)  # type: ignore[arg-type]
-            if not autoconnect:
-                await node.d.host.get_network().auto_connector.stop()
             nodes.append(node)
         limiter = trio.CapacityLimiter(4)
 
@@ -136,7 +131,6 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=200)
     ap.add_argument("--alpha", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--autoconnect", action="store_true", help="keep libp2p's auto-connector")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     print(
@@ -145,7 +139,7 @@ def main() -> None:
         f"{'setup s':>8} {'ann s':>6}"
     )
     for n in sizes:
-        r = trio.run(run_size, n, args.lookups, args.alpha, args.seed, args.autoconnect)
+        r = trio.run(run_size, n, args.lookups, args.alpha, args.seed)
         print(
             f"{r['n']:>4} {100 * r['success']:>6.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
             f"{100 * r['net_success']:>7.1f} "

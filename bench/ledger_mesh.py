@@ -31,10 +31,6 @@ async def start_node(nursery: trio.Nursery, data_dir: Path, bootstrap: list[str]
     ).validate()
     daemon = Daemon(config)
     await nursery.start(daemon.run)
-    # py-libp2p's auto-connector dials every peer it hears of up to ~100
-    # connections: dozens of hosts in one process then spend the benchmark's
-    # single core on dial storms, not on the ledger (see README, Performance).
-    await daemon.host.get_network().auto_connector.stop()
     return daemon
 
 

@@ -8,9 +8,11 @@ request has a deadline. One request per stream, as the py-libp2p server expects.
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 import trio
 import varint
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.utils import maybe_consume_signed_record
@@ -36,7 +38,7 @@ class KadClient:
         stream = None
         try:
             with trio.fail_after(self.timeout):
-                stream = await self.host.new_stream(peer, [PROTOCOL_ID])
+                stream = await self._open_stream(peer)
                 envelope, _ = env_to_send_in_RPC(self.host)
                 msg.senderRecord = envelope
                 data = msg.SerializeToString()
@@ -55,6 +57,20 @@ class KadClient:
             raise RpcError(f"{peer}: reply of type {reply.type} to a request of {msg.type}")
         maybe_consume_signed_record(reply, self.host, peer)
         return reply
+
+    async def _open_stream(self, peer: PeerID) -> INetStream:
+        # py-libp2p can leave a connection unusable but listed, for example
+        # after a stream negotiation on it was cancelled (a lookup that has its
+        # answer cancels the queries still in flight); new_stream then fails
+        # at once without dialling. Dropping the connection and dialling again
+        # tells a live peer from a gone one, within the request's deadline.
+        try:
+            return await self.host.new_stream(peer, [PROTOCOL_ID])
+        except Exception:
+            pass
+        with suppress(Exception):
+            await self.host.disconnect(peer)
+        return await self.host.new_stream(peer, [PROTOCOL_ID])
 
     def _learn(self, peers: object) -> list[PeerInfo]:
         """PeerInfos from a repeated Message.Peer field, stored in the peerstore."""

@@ -11,6 +11,7 @@ from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.identity.identify import identify as _identify
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.utils.address_validation import get_available_interfaces
 
@@ -39,6 +40,18 @@ def connection_config() -> ConnectionConfig:
     return ConnectionConfig(max_connections_per_peer=1)
 
 
+class _NoAutoConnector(AutoConnector):
+    """py-libp2p's auto-connector dials every peer in the peerstore until 150
+    connections are open, over and over for peers that are gone. A node of ours
+    chooses whom it dials (bootstrap links, DHT lookups, RPC callees), so it stays off."""
+
+    async def start(self) -> None:
+        self._started = False
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
 def build_host(
     key_pair: KeyPair,
     listen_addrs: Sequence[multiaddr.Multiaddr],
@@ -48,7 +61,7 @@ def build_host(
     # py-libp2p reads the agent version it announces in identify from this
     # module global; there is no constructor argument for it.
     _identify.AGENT_VERSION = AGENT_VERSION
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         listen_addrs=list(listen_addrs),
         connection_config=connection_config(),
@@ -56,6 +69,9 @@ def build_host(
         enable_upnp=False,
         transports=[CountingTCP(traffic or TrafficCounter())],
     )
+    network = host.get_network()
+    network.auto_connector = _NoAutoConnector(network)  # type: ignore[attr-defined]
+    return host
 
 
 async def close_host(host: IHost, timeout_s: float = 2.0) -> None:
