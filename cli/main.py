@@ -200,12 +200,23 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     adapter: Annotated[str | None, typer.Option(help="A loaded LoRA adapter id.")] = None,
+    collab: Annotated[
+        str | None, typer.Option(help="Collaborate across the mesh: moa (mixture of agents) or vote.")
+    ] = None,
+    agents: Annotated[int, typer.Option("-k", "--agents", min=1, max=16, help="moa: peers asked per layer.")] = 2,
+    layers: Annotated[int, typer.Option("-M", "--layers", min=1, max=8, help="moa: proposer layers.")] = 1,
+    require: Annotated[
+        str | None, typer.Option(help="vote: the task's requirement vector, e.g. math=1,reasoning=0.5.")
+    ] = None,
+    executors: Annotated[int, typer.Option(min=1, max=16, help="vote: how many nodes execute.")] = 3,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     api: Api = None,
     token: Token = None,
+    json_: Json = False,
 ) -> None:
-    """Ask the node's model (or a peer's); the answer prints as it streams."""
+    """Ask the node's model (or a peer's, or several peers' together with --collab); the answer prints as it
+    streams (a collaborative answer prints when it is complete, followed by who contributed)."""
     from knexa.cli.client import ApiError
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -213,6 +224,9 @@ def ask(
         "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "adapter": adapter, "peer": peer
     }
     client = _client(data_dir, config, api, token)
+    if collab is not None:
+        _ask_collab(client, collab, messages, agents, layers, require, executors, max_tokens, temperature, json_)
+        return
     try:
         for event in client.stream_chat(body):
             for choice in event.get("choices", []):
@@ -222,6 +236,41 @@ def ask(
         sys.stdout.write("\n")
         fail(str(exc))
     sys.stdout.write("\n")
+
+
+def _ask_collab(
+    client: Any, mode: str, messages: list[dict[str, str]], k: int, m: int, require: str | None, executors: int,
+    max_tokens: int, temperature: float, json_: bool,
+) -> None:
+    from knexa.cli.client import ApiError
+    from knexa.node.collab.vote import parse_requirement
+
+    if mode not in ("moa", "vote"):
+        fail(f"--collab must be moa or vote, not {mode!r}", 2)
+    try:
+        requirement = parse_requirement(require or "")
+    except ValueError as exc:
+        fail(f"--require: {exc}", 2)
+    body = {
+        "mode": mode, "messages": messages, "k": k, "m": m, "executors": executors, "requirement": requirement,
+        "max_tokens": max_tokens, "temperature": temperature,
+    }
+    try:
+        result = client.post("/v1/collab/ask", body, timeout_s=600.0)
+    except ApiError as exc:
+        fail(str(exc))
+    if json_:
+        _print_json(result)
+        return
+    sys.stdout.write(result["text"].strip() + "\n")
+    who = ", ".join(p[:12] + "…" for p in result["contributors"])
+    if mode == "moa":
+        shrunk = f" (lowered from K={result['k_requested']}, M={result['m_requested']})" if result["degraded"] else ""
+        sys.stderr.write(f"(mixture of agents K={result['k']} M={result['m']}{shrunk}; contributors: {who}; "
+                         f"{len(result['missed'])} missed; {result['elapsed_s']:.1f}s)\n")
+    else:
+        sys.stderr.write(f"(weighted vote: {result['answer']!r} with {result['totals'][result['answer']]:.2f} of "
+                         f"{sum(result['totals'].values()):.2f}; executors: {who}; {result['elapsed_s']:.1f}s)\n")
 
 
 find_app = typer.Typer(help="Find models and peers through the DHT.", no_args_is_help=True)

@@ -77,6 +77,7 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
         ("ledger", _ledger_line(node.get("ledger"))),
         ("engine", _engine_line(node.get("engine"))),
         ("dht", _dht_line(node.get("dht"))),
+        ("collab", _collab_line(node.get("collab"))),
         ("local API", node["api"]),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -129,6 +130,18 @@ def _ledger_line(stats: dict[str, Any] | None) -> str:
     return (
         f"{stats['entries']} entries, {rejected} rejected, "
         f"{stats['syncs_ok']} syncs ok, {stats['syncs_failed']} failed"
+    )
+
+
+def _collab_line(collab: dict[str, Any] | None) -> str:
+    if not collab:
+        return "-"
+    checks = collab["verification"]
+    return (
+        f"queue {collab['queue_length']}/{collab['queue_capacity']}, admitted {collab['admitted']} "
+        f"({collab['admitted_rate']:.2f}/s), rejected {collab['rejected']}"
+        f"{'' if collab['enabled'] else ' (admission off)'}; "
+        f"verified {checks['checks']}, failed {checks['failures']}"
     )
 
 

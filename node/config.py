@@ -43,6 +43,12 @@ class NodeConfig:
     dht_mode: str = "server"
     # converted models are cached here, shared by every node of this user
     cache_dir: Path = field(default_factory=default_data_dir)
+    # collaboration (knexa.node.collab): admission bound on alpha*((K+1)*M+1)*lambda, queue cap, checks
+    collab_bound: float = 0.8
+    collab_max_queue: int = 8
+    collab_admission: str = "on"  # on, off (off only to show what the control prevents)
+    verify_fraction: float = 0.1  # share of peers' answers from our own model that we re-score
+    skills: str = ""  # skill vector for task beacons, "math=0.9,code=0.4", each in [0, 1]
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -66,7 +72,27 @@ class NodeConfig:
             raise ConfigError(f"dht_mode must be server or client, not {self.dht_mode!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if not 0 < self.collab_bound <= 1:
+            raise ConfigError("collab_bound must be in (0, 1]")
+        if self.collab_max_queue < 1:
+            raise ConfigError("collab_max_queue must be at least 1")
+        if self.collab_admission not in ("on", "off"):
+            raise ConfigError(f"collab_admission must be on or off, not {self.collab_admission!r}")
+        if not 0 <= self.verify_fraction <= 1:
+            raise ConfigError("verify_fraction must be in [0, 1]")
+        try:
+            self.skill_vector()
+        except ValueError as exc:
+            raise ConfigError(f"skills: {exc}") from None
         return self
+
+    def skill_vector(self) -> dict[str, float]:
+        from knexa.node.collab.vote import parse_requirement
+
+        vector = parse_requirement(self.skills)
+        if any(v > 1 for v in vector.values()):
+            raise ValueError("each skill must be in [0, 1]")
+        return vector
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}

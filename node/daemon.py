@@ -22,7 +22,7 @@ from hypercorn.trio import serve
 from libp2p.peer.id import ID as PeerID
 
 from knexa.crdt.ledger import Ledger
-from knexa.crdt.profile import CapabilityProfile, Device, Reachability
+from knexa.crdt.profile import CapabilityProfile, Device, Load, Reachability
 from knexa.crdt.store import LedgerStore
 from knexa.dht import Discovery
 from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
@@ -33,6 +33,8 @@ from knexa.net.rpc import RpcService
 from knexa.net.traffic import TrafficCounter
 from knexa.net.version import AGENT_VERSION, KNEXA_VERSION
 from knexa.node.api import create_app
+from knexa.node.collab.service import CollabService, CollabSettings
+from knexa.node.collab.verify import VerifyPolicy
 from knexa.node.config import NodeConfig
 from knexa.node.errors import find_exception
 from knexa.node.ledger_service import LedgerService
@@ -155,6 +157,16 @@ class Daemon:
                 show_progress=False,
             )
             self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)
+        self.collab = CollabService(
+            self.rpc, self.peer_id, self.inference, lambda: self.ledger, self._publish_report,
+            lambda: [p.peer_id for p in self.mesh.peers()],
+            CollabSettings(
+                bound=config.collab_bound, max_queue=config.collab_max_queue,
+                admission=config.collab_admission == "on", verify=VerifyPolicy(fraction=config.verify_fraction),
+                skills=config.skill_vector(),
+            ),
+        )
+        self.collab.register_metrics(self.metrics.registry)
         self.api_url = ""
         self._nursery: trio.Nursery | None = None
 
@@ -162,6 +174,11 @@ class Daemon:
     def own_profile(self) -> CapabilityProfile:
         parts = self.inference.profile_parts() if self.inference is not None else {}
         device = parts.pop("device", Device(backend="cpu"))
+        engine_queue = parts["load"].queue_length if "load" in parts else 0
+        admission = self.collab.admission
+        parts["load"] = Load(queue_length=engine_queue + admission.queue_length,
+                             admitted_rate=admission.admitted_jobs.rate(trio.current_time()))
+        parts["skills"] = tuple(sorted(self.collab.settings.skills.items()))
         return CapabilityProfile(
             device=Device(device.backend, device.gpu_name, _total_memory(), device.gpu_memory_bytes),
             reachability=Reachability(status="unknown"),
@@ -175,6 +192,11 @@ class Daemon:
         model = status.get("model")
         if status.get("state") == "ready" and model and self._nursery is not None:
             self._nursery.start_soon(self._announce_model, model["name"], model["weights_sha256"])
+
+    def _publish_report(self, subject: str, score: float, reason: str) -> None:
+        """A signed reputation report about a peer, into the ledger and out to the mesh."""
+        if self.ledger is not None and self.ledger_service is not None:
+            self.ledger_service.announce([self.ledger.put_report(subject, score, reason)])
 
     async def _resolve_peer(self, peer: PeerID) -> None:
         """Addresses for a peer we are not connected to: the peerstore's, else the DHT's."""
@@ -228,6 +250,7 @@ class Daemon:
             "streams_open": self.mesh.streams_open(),
             "ledger": self.ledger_service.stats() if self.ledger_service is not None else None,
             "dht": self.discovery.stats(),
+            "collab": self.collab.stats(),
             "engine": _engine_summary(self.inference.status()) if self.inference is not None else None,
         }
 
@@ -272,6 +295,7 @@ class Daemon:
             # After the API has bound: a start that fails must not first wait for a model load.
             if self.inference is not None:
                 await nursery.start(self.inference.run)
+            await nursery.start(self.collab.run)
             self._write_state()
             log.info(
                 "event=started peer=%s listen=%s api=%s",

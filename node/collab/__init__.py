@@ -1,0 +1,1 @@
+"""Collaborative inference across the mesh: mixture of agents, admission control, beacon voting, verification."""
