@@ -94,6 +94,29 @@ def start(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
     dht_mode: Annotated[str | None, typer.Option(help="server, or client behind a NAT [default: server].")] = None,
+    reachability: Annotated[
+        str | None, typer.Option(help="auto (AutoNAT decides), public or private [default: auto].")
+    ] = None,
+    relay_service: Annotated[
+        str | None, typer.Option(help="Serve as a circuit relay: auto (once public), on, off [default: auto].")
+    ] = None,
+    relay: Annotated[
+        list[str] | None, typer.Option("--relay", help="Relay multiaddr with /p2p/<id> to reserve on (repeatable).")
+    ] = None,
+    max_relays: Annotated[int | None, typer.Option(help="Reservations a private node holds [default: 2].")] = None,
+    hole_punch: Annotated[str | None, typer.Option(help="DCUtR hole punching: on or off [default: on].")] = None,
+    relay_max_reservations: Annotated[
+        int | None, typer.Option(help="As a relay: reservations held at once [default: 64].")
+    ] = None,
+    relay_reservation_ttl: Annotated[
+        int | None, typer.Option(help="As a relay: reservation lifetime in seconds [default: 3600].")
+    ] = None,
+    relay_max_circuit_duration: Annotated[
+        int | None, typer.Option(help="As a relay: seconds one relayed connection may last [default: 3600].")
+    ] = None,
+    relay_max_circuit_bytes: Annotated[
+        int | None, typer.Option(help="As a relay: bytes one relayed connection may carry [default: 256 MiB].")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM."""
     import trio
@@ -114,6 +137,15 @@ def start(
         model=model,
         device=device,
         dht_mode=dht_mode,
+        reachability=reachability,
+        relay_service=relay_service,
+        relays=relay,
+        max_relays=max_relays,
+        hole_punch=hole_punch,
+        relay_max_reservations=relay_max_reservations,
+        relay_reservation_ttl_s=relay_reservation_ttl,
+        relay_max_circuit_duration_s=relay_max_circuit_duration,
+        relay_max_circuit_bytes=relay_max_circuit_bytes,
     )
     setup_logging(cfg.log_level)
     try:

@@ -76,6 +76,8 @@ class Mesh:
         self._nursery: trio.Nursery | None = None
         # Called with the peer id of each newly connected peer (must not block).
         self.connect_listeners: list[Callable[[str], None]] = []
+        # Called with the peer id when a direct connection replaces a relayed one (must not block).
+        self.upgrade_listeners: list[Callable[[str], None]] = []
 
     # -- queries ---------------------------------------------------------
     def peers(self) -> list[PeerConnection]:
@@ -153,6 +155,14 @@ class Mesh:
         address, direction = _describe(conn)
         record = PeerConnection(peer_id, address, connection_kind(address), direction)
         if not self.table.connected(record):
+            existing = self.table.get(peer_id)
+            if existing is not None and existing.kind == "relayed" and record.kind == "direct":
+                # A direct connection to a peer we reached through a relay: DCUtR's hole punch
+                # (or a direct dial) replaced the relayed path; the table shows the better one.
+                existing.address, existing.kind, existing.direction = address, "hole-punched", direction
+                log.info("event=connection_upgraded peer=%s addr=%s kind=hole-punched", peer_id, address)
+                for listener in list(self.upgrade_listeners):
+                    listener(peer_id)
             return
         self.connects += 1
         log.info("event=connect peer=%s addr=%s direction=%s", peer_id, address, direction)
@@ -166,8 +176,16 @@ class Mesh:
 
     def _on_down(self, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id
-        if self.host.get_network().get_connections(peer):
-            return  # another connection to the same peer is still up
+        remaining = self.host.get_network().get_connections(peer)
+        if remaining:
+            # Another connection to the same peer is still up: show the one left.
+            record = self.table.get(str(peer))
+            address, direction = _describe(remaining[0])
+            if record is not None and record.address != address:
+                kind = connection_kind(address)
+                record.address, record.direction = address, direction
+                record.kind = "hole-punched" if record.kind == "hole-punched" and kind == "direct" else kind
+            return
         peer_id = str(peer)
         record = self.table.disconnected(peer_id)
         if record is None:

@@ -11,6 +11,7 @@ from typing import Any
 import platformdirs
 
 from knexa.net.host import AddressError, parse_multiaddr
+from knexa.net.nat.config import NatConfig, NatConfigError, RelayLimitsConfig
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API_PORT = 7700
@@ -43,6 +44,31 @@ class NodeConfig:
     dht_mode: str = "server"
     # converted models are cached here, shared by every node of this user
     cache_dir: Path = field(default_factory=default_data_dir)
+    # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
+    reachability: str = "auto"  # auto, public, private
+    relay_service: str = "auto"  # auto (serve once public), on, off
+    relays: list[str] = field(default_factory=list)  # relays to reserve on, besides bootstrap peers
+    max_relays: int = 2
+    hole_punch: str = "on"  # on, off
+    relay_max_reservations: int = 64
+    relay_reservation_ttl_s: int = 3600
+    relay_max_circuit_duration_s: int = 3600
+    relay_max_circuit_bytes: int = 256 * 1024 * 1024
+
+    def nat_config(self) -> NatConfig:
+        return NatConfig(
+            reachability=self.reachability,
+            relay_service=self.relay_service,
+            relays=tuple(self.relays),
+            max_relays=self.max_relays,
+            hole_punch=self.hole_punch,
+            limits=RelayLimitsConfig(
+                max_reservations=self.relay_max_reservations,
+                reservation_ttl_s=self.relay_reservation_ttl_s,
+                max_circuit_duration_s=self.relay_max_circuit_duration_s,
+                max_circuit_bytes=self.relay_max_circuit_bytes,
+            ),
+        )
     # collaboration (knexa.node.collab): admission bound on alpha*((K+1)*M+1)*lambda, queue cap, checks
     collab_bound: float = 0.8
     collab_max_queue: int = 8
@@ -58,6 +84,8 @@ class NodeConfig:
                 parse_multiaddr(text)
             for text in self.bootstrap:
                 parse_multiaddr(text, need_peer_id=True)
+            for text in self.relays:
+                parse_multiaddr(text, need_peer_id=True)
         except AddressError as exc:
             raise ConfigError(str(exc)) from None
         if not 0 <= self.api_port <= 65535:
@@ -72,6 +100,10 @@ class NodeConfig:
             raise ConfigError(f"dht_mode must be server or client, not {self.dht_mode!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        try:
+            self.nat_config().validate()
+        except NatConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if not 0 < self.collab_bound <= 1:
             raise ConfigError("collab_bound must be in (0, 1]")
         if self.collab_max_queue < 1:

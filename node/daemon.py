@@ -28,6 +28,8 @@ from knexa.dht import Discovery
 from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
+from knexa.net.nat.echo import register_echo
+from knexa.net.nat.service import NatService
 from knexa.net.pubsub import open_pubsub
 from knexa.net.rpc import RpcService
 from knexa.net.traffic import TrafficCounter
@@ -142,6 +144,16 @@ class Daemon:
             self.host, self.key_pair, server=config.dht_mode == "server", bootstrap=self.bootstrap_addrs
         )
         self.rpc.resolve_peer = self._resolve_peer
+        register_echo(self.rpc)
+        # After a hole punch, new RPC streams go over the direct connection, not the relay.
+        self.mesh.upgrade_listeners.append(lambda peer: self.rpc.retire_sessions(PeerID.from_base58(peer)))
+        self.nat = NatService(
+            self.host,
+            self.mesh,
+            config.nat_config(),
+            relay_candidates=self.bootstrap_addrs,
+            on_change=self._nat_changed,
+        )
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None
         self.inference: InferenceService | None = None
@@ -181,7 +193,7 @@ class Daemon:
         parts["skills"] = tuple(sorted(self.collab.settings.skills.items()))
         return CapabilityProfile(
             device=Device(device.backend, device.gpu_name, _total_memory(), device.gpu_memory_bytes),
-            reachability=Reachability(status="unknown"),
+            reachability=Reachability(status=self.nat.reachability, relay_addrs=tuple(self.nat.circuit_addrs())),
             **parts,
         )
 
@@ -198,8 +210,21 @@ class Daemon:
         if self.ledger is not None and self.ledger_service is not None:
             self.ledger_service.announce([self.ledger.put_report(subject, score, reason)])
 
+    def _nat_changed(self) -> None:
+        # Reachability or relay addresses changed: republish the profile that carries them.
+        if self.ledger_service is not None:
+            self.ledger_service.refresh_profile()
+
     async def _resolve_peer(self, peer: PeerID) -> None:
-        """Addresses for a peer we are not connected to: the peerstore's, else the DHT's."""
+        """Addresses for a peer we are not connected to: through its relay if its profile says it
+        is private, else the peerstore's, else the DHT's."""
+        profile = self.ledger.profiles().get(str(peer)) if self.ledger is not None else None
+        if profile is not None and profile.reachability.status == "private" and profile.reachability.relay_addrs:
+            try:
+                await self.nat.connect_relayed(peer, profile.reachability.relay_addrs)
+                return
+            except ConnectionError as exc:
+                log.info('event=relayed_dial_failed peer=%s reason="%s"', peer, exc)
         try:
             if self.host.get_peerstore().addrs(peer):
                 return
@@ -252,6 +277,7 @@ class Daemon:
             "dht": self.discovery.stats(),
             "collab": self.collab.stats(),
             "engine": _engine_summary(self.inference.status()) if self.inference is not None else None,
+            "nat": self.nat.stats(),
         }
 
     # -- lifecycle -----------------------------------------------------------
@@ -285,6 +311,7 @@ class Daemon:
             self._nursery = nursery
             await nursery.start(self.mesh.run)
             await nursery.start(self.rpc.run)
+            await nursery.start(self.nat.run)
             # Not awaited: bootstrapping the DHT may wait on unreachable peers.
             nursery.start_soon(self.discovery.run)
             assert self.ledger is not None

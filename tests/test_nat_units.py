@@ -74,8 +74,13 @@ def test_reservation_renewed_halfway_and_before_the_margin() -> None:
     renew_at = book.reserved("R", expires_at=3600, now=0)
     assert renew_at == 1800
     assert book.due(1799) == [] and book.due(1800) == ["R"]
-    # A short reservation renews no later than 30 s before it expires.
-    assert book.reserved("R", expires_at=1800 + 40, now=1800) == 1800 + 10
+    assert book.entries["R"].renewals == 0
+    # Short reservations: halfway, and at the latest a quarter of the lifetime before expiry.
+    assert book.reserved("R", expires_at=1800 + 10, now=1800) == 1800 + 5
+    book2 = ReservationBook(renew_fraction=0.9, min_margin_s=30)
+    book2.want("R", None, 0)
+    assert book2.reserved("R", expires_at=100, now=0) == 75
+    assert book2.reserved("R", expires_at=3600, now=0) == 3240
     assert book.entries["R"].renewals == 1
 
 

@@ -102,8 +102,8 @@ class ReservationBook:
     """Reservations on relays: when to reserve, renew and retry.
 
     A reservation is renewed when `renew_fraction` of its lifetime has passed,
-    and never later than `min_margin_s` before it expires, so a slow or lost
-    renewal still has time for retries. A failed attempt is retried with
+    and never later than `min_margin_s` (at most a quarter of the lifetime)
+    before it expires, so a slow or lost renewal still has time for retries. A failed attempt is retried with
     exponential backoff (with jitter so a fleet does not retry in step).
     """
 
@@ -137,7 +137,8 @@ class ReservationBook:
         if entry.state == "active":
             entry.renewals += 1
         ttl = max(0.0, expires_at - now)
-        renew_in = min(ttl * self.renew_fraction, max(0.0, ttl - self.min_margin_s))
+        margin = min(self.min_margin_s, ttl / 4)
+        renew_in = min(ttl * self.renew_fraction, ttl - margin)
         entry.state, entry.expires_at, entry.next_at = "active", expires_at, now + renew_in
         entry.failures, entry.last_error = 0, None
         return entry.next_at

@@ -190,6 +190,11 @@ class RpcService:
         if pool and session in pool:
             pool.remove(session)
 
+    def retire_sessions(self, peer_id: PeerID) -> int:
+        """Later calls to `peer_id` open a new stream, which the swarm puts on its best connection
+        (a direct one that replaced a relayed one); calls in flight finish on their old stream."""
+        return len(self._clients.pop(peer_id, []))
+
     async def _session(self, peer_id: PeerID) -> ClientSession:
         pool = self._clients[peer_id]
         best = min(pool, key=lambda s: len(s.calls), default=None)

@@ -1,0 +1,401 @@
+"""The trio layer of NAT traversal: AutoNAT loop, relay service, reservations, relayed dials, DCUtR.
+
+Policy decisions come from `knexa.net.nat.policy`; this module only does I/O.
+Every network wait has a deadline; everything runs in the caller's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID as PeerID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.tools.anyio_service import background_trio_service
+
+from knexa.net.failures import failure_reason
+from knexa.net.host import dialable_addrs
+from knexa.net.nat.autonat import AutoNat
+from knexa.net.nat.config import NatConfig
+from knexa.net.nat.policy import (
+    PRIVATE,
+    PUBLIC,
+    PunchScheduler,
+    ReachabilityTracker,
+    ReservationBook,
+    circuit_addr,
+    is_circuit,
+    should_initiate_punch,
+)
+
+log = logging.getLogger("knexa.nat")
+RESERVE_TIMEOUT_S = 10.0
+RELAY_DIAL_TIMEOUT_S = 15.0
+PUNCH_TIMEOUT_S = 60.0
+AUTONAT_TIMEOUT_S = 20.0
+AUTONAT_RETRY_S = 3.0  # while the status is unknown
+DCUTR_DIAL_TIMEOUT_S = 3
+
+
+class _DrivenDCUtR(DCUtRProtocol):
+    """py-libp2p's DCUtR without its own driver loop (three tries every 2 s, then never again):
+    the NatService decides when to punch and retries with backoff."""
+
+    async def _auto_drive_loop(self) -> None:
+        await trio.sleep_forever()
+
+
+class NatService:
+    """Run with ``await nursery.start(service.run)`` inside a started host."""
+
+    def __init__(
+        self,
+        host: IHost,
+        mesh: Any,
+        config: NatConfig,
+        *,
+        relay_candidates: Sequence[multiaddr.Multiaddr] = (),
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.mesh = mesh
+        self.config = config.validate()
+        self.own_id = str(host.get_id())
+        self.on_change = on_change
+        forced = None if config.reachability == "auto" else config.reachability
+        self.tracker = ReachabilityTracker(forced=forced)
+        self.book = ReservationBook()
+        self.punches = PunchScheduler()
+        self.autonat = AutoNat(host)
+        self.limits = config.limits.to_libp2p()
+        self.relay_protocol = CircuitV2Protocol(host, limits=self.limits, allow_hop=False)
+        # STOP only: dialing through a relay must not also reserve a slot there.
+        self.relay_transport = CircuitV2Transport(
+            host, self.relay_protocol, RelayConfig(roles=RelayRole.STOP, limits=self.limits)
+        )
+        # A short dial timeout: DCUtR first tries the peer's known addresses directly, and a home
+        # node's private addresses never answer from outside its LAN.
+        self.dcutr = _DrivenDCUtR(host, dial_timeout=DCUTR_DIAL_TIMEOUT_S) if config.hole_punch == "on" else None
+        self.relay_serving = False
+        self.relay_candidates = [*(multiaddr.Multiaddr(a) for a in config.relays), *relay_candidates]
+        self.punch_log: list[dict[str, Any]] = []
+        self.relayed_dials = 0
+        self._advertised: tuple[str, ...] = ()
+        self._wake = trio.Event()
+
+    # -- what others read -----------------------------------------------------
+    @property
+    def reachability(self) -> str:
+        return self.tracker.status
+
+    def circuit_addrs(self) -> list[str]:
+        now = time.time()
+        return [
+            circuit_addr(e.relay_addr, e.relay, self.own_id)
+            for e in self.book.active(now)
+            if e.relay_addr
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "reachability": self.reachability,
+            "reachability_mode": self.config.reachability,
+            "autonat_votes": self.tracker.counts(),
+            "autonat_served": self.autonat.served,
+            "relay_service": self.relay_serving,
+            "relay_limits": {
+                "max_reservations": self.config.limits.max_reservations,
+                "reservation_ttl_s": self.config.limits.reservation_ttl_s,
+                "max_circuit_duration_s": self.config.limits.max_circuit_duration_s,
+                "max_circuit_bytes": self.config.limits.max_circuit_bytes,
+            },
+            "reservations": [
+                {
+                    "relay": e.relay,
+                    "state": e.state,
+                    "expires_in_s": round(e.expires_at - now, 1) if e.state == "active" else None,
+                    "renew_in_s": round(e.next_at - now, 1),
+                    "renewals": e.renewals,
+                    "last_error": e.last_error,
+                }
+                for e in self.book.entries.values()
+            ],
+            "relay_addrs": self.circuit_addrs(),
+            "hole_punch": self.config.hole_punch,
+            "hole_punches": self.punch_log[-20:],
+        }
+
+    # -- lifecycle --------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.autonat.install()
+        self._install_addr_advertiser()
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(self.relay_protocol))
+            if self.dcutr is not None:
+                await stack.enter_async_context(background_trio_service(self.dcutr))
+                with trio.fail_after(10):
+                    await self.dcutr.event_started.wait()
+            self._apply_relay_service()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._autonat_loop)
+                nursery.start_soon(self._reservation_loop)
+                if self.dcutr is not None:
+                    nursery.start_soon(self._punch_loop)
+                task_status.started()
+                await trio.sleep_forever()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception as exc:  # a listener's failure must not stop NAT traversal
+                log.warning('event=nat_listener_failed reason="%s"', exc)
+
+    # -- AutoNAT ----------------------------------------------------------------
+    def _autonat_servers(self) -> list[PeerID]:
+        servers = []
+        for conn in self.host.get_network().get_connections():
+            addrs = [str(a) for a in (conn.get_transport_addresses() or [])]
+            if addrs and not any(is_circuit(a) for a in addrs):
+                peer = conn.muxed_conn.peer_id
+                if peer not in servers:
+                    servers.append(peer)
+        return servers[:5]
+
+    async def _autonat_loop(self) -> None:
+        while True:
+            if self.config.reachability == "auto":
+                before = self.tracker.status
+                servers = self._autonat_servers()
+                addrs = [multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in dialable_addrs(self.host)]
+                for server in servers:
+                    try:
+                        outcome = await self.autonat.ask(server, addrs, timeout_s=AUTONAT_TIMEOUT_S)
+                    except Exception as exc:  # no verdict from this server (old node, gone, slow)
+                        log.debug('event=autonat_no_answer server=%s reason="%s"', server, failure_reason(exc))
+                        continue
+                    self.tracker.record(str(server), outcome, time.time())
+                    log.debug("event=autonat_verdict server=%s outcome=%s", server, outcome)
+                status = self.tracker.decide(time.time())
+                if status != before:
+                    log.info("event=reachability status=%s votes=%s", status, self.tracker.counts())
+                    self._apply_relay_service()
+                    self._wake.set()
+                    self._changed()
+            delay = AUTONAT_RETRY_S if self.tracker.status not in (PUBLIC, PRIVATE) else self.config.autonat_interval_s
+            await trio.sleep(delay)
+
+    def _apply_relay_service(self) -> None:
+        mode = self.config.relay_service
+        want = mode == "on" or (mode == "auto" and self.tracker.status == PUBLIC)
+        if want == self.relay_serving:
+            return
+        if want:
+            # CircuitV2Protocol registers its HOP handler only at start; toggling it at run
+            # time lets a node become a relay when AutoNAT finds it public.
+            self.host.set_stream_handler(HOP_PROTOCOL, self.relay_protocol._handle_hop_stream)
+        else:
+            self.host.remove_stream_handler(HOP_PROTOCOL)
+        self.relay_serving = want
+        log.info("event=relay_service enabled=%s", want)
+
+    # -- reservations -----------------------------------------------------------
+    def _want_relays(self) -> bool:
+        return self.tracker.status == PRIVATE or (bool(self.config.relays) and self.tracker.status != PUBLIC)
+
+    def _candidate_relays(self) -> list[tuple[str, str]]:
+        """(relay peer id, relay address) pairs, configured relays and bootstrap peers first."""
+        result: list[tuple[str, str]] = []
+        for addr in self.relay_candidates:
+            try:
+                info = info_from_p2p_addr(addr)
+            except Exception:  # noqa: S112 - validated at config time; skip anything odd
+                continue
+            base = str(addr).split("/p2p/")[0]
+            result.append((str(info.peer_id), base))
+        store = self.host.get_peerstore()
+        for peer in self.mesh.peers():
+            if is_circuit(peer.address) or any(r == peer.peer_id for r, _ in result):
+                continue
+            try:
+                protocols = store.get_protocols(PeerID.from_base58(peer.peer_id))
+            except Exception:  # noqa: S112 - identify has not told us yet
+                continue
+            if HOP_PROTOCOL in protocols and peer.direction == "outbound":
+                result.append((peer.peer_id, peer.address.split("/p2p/")[0]))
+        return [r for r in result if r[0] != self.own_id]
+
+    async def _reservation_loop(self) -> None:
+        while True:
+            now = time.time()
+            if self._want_relays():
+                for relay, addr in self._candidate_relays()[: self.config.max_relays]:
+                    self.book.want(relay, addr, now)
+            else:
+                for relay in list(self.book.entries):
+                    self.book.drop(relay)
+            for relay in self.book.due(now):
+                await self._reserve(relay)
+            advertised = tuple(self.circuit_addrs())
+            if advertised != self._advertised:
+                self._advertised = advertised
+                log.info("event=relay_addrs addrs=%s", ",".join(advertised) or "none")
+                self._changed()
+            wake_at = min(self.book.next_wakeup(time.time(), idle_s=2.0), time.time() + 2.0)
+            self._wake = trio.Event()
+            with trio.move_on_at(trio.current_time() + max(0.05, wake_at - time.time())):
+                await self._wake.wait()
+
+    async def _reserve(self, relay: str) -> None:
+        entry = self.book.entries[relay]
+        peer = PeerID.from_base58(relay)
+        renewing = entry.state == "active"
+        stream = None
+        try:
+            with trio.fail_after(RESERVE_TIMEOUT_S):
+                if not self.host.get_network().get_connections(peer) and entry.relay_addr:
+                    await self.mesh.connect(multiaddr.Multiaddr(f"{entry.relay_addr}/p2p/{relay}"))
+                stream = await self.host.new_stream(peer, [HOP_PROTOCOL])
+                await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+                reply = await read_delimited_msg(stream, HopMessage)
+            status = StatusCode(reply.status) if reply.HasField("status") else StatusCode.UNUSED
+            if status != StatusCode.OK or not reply.HasField("reservation"):
+                raise ConnectionError(f"relay refused the reservation ({status.name})")
+            expires = float(reply.reservation.expire)
+            now = time.time()
+            if expires <= now:
+                raise ConnectionError("relay granted an already expired reservation")
+            renew_at = self.book.reserved(relay, expires, now)
+            log.info(
+                "event=%s relay=%s ttl_s=%.0f renew_in_s=%.0f",
+                "reservation_renewed" if renewing else "reserved", relay, expires - now, renew_at - now,
+            )
+        except Exception as exc:
+            reason = failure_reason(exc) if not isinstance(exc, trio.TooSlowError) else "no answer in time"
+            retry_at = self.book.failed(relay, reason, time.time())
+            log.warning(
+                'event=reservation_failed relay=%s reason="%s" retry_in_s=%.1f', relay, reason, retry_at - time.time()
+            )
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await stream.close()
+                    except Exception:  # noqa: S110 - best effort
+                        pass
+
+    def _install_addr_advertiser(self) -> None:
+        """Make identify (and so peers' peerstores and the DHT) carry our /p2p-circuit addresses:
+        py-libp2p keeps a reservation to itself and never advertises it."""
+        original = self.host.get_addrs
+
+        def get_addrs() -> list[multiaddr.Multiaddr]:
+            # A wildcard listen address (0.0.0.0) in identify makes peers dial themselves;
+            # announce the interface addresses instead.
+            addrs = [a for a in original() if not str(a).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+            for addr in dialable_addrs(self.host):
+                if addr not in addrs and not str(addr).startswith(("/ip4/127.", "/ip6/::1/")):
+                    addrs.append(addr)
+            for text in self.circuit_addrs():
+                addr = multiaddr.Multiaddr(text)
+                if addr not in addrs:
+                    addrs.append(addr)
+            return addrs
+
+        self.host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+    # -- relayed dials ----------------------------------------------------------
+    async def connect_relayed(self, peer: PeerID, addrs: Sequence[str]) -> str:
+        """Dial `peer` through one of its circuit addresses; returns the one used. Raises ConnectionError."""
+        errors = []
+        for text in addrs:
+            if not is_circuit(text) or not text.endswith(f"/p2p/{peer}"):
+                continue
+            addr = multiaddr.Multiaddr(text)
+            relay_part = text.split("/p2p-circuit")[0]
+            try:
+                with trio.fail_after(RELAY_DIAL_TIMEOUT_S):
+                    relay_info = info_from_p2p_addr(multiaddr.Multiaddr(relay_part))
+                    if not self.host.get_network().get_connections(relay_info.peer_id):
+                        await self.mesh.connect(multiaddr.Multiaddr(relay_part))
+                    await self.relay_transport.dial(addr)
+                self.relayed_dials += 1
+                log.info("event=relayed_dial peer=%s via=%s", peer, relay_info.peer_id)
+                return text
+            except Exception as exc:
+                reason = failure_reason(exc) if not isinstance(exc, trio.TooSlowError) else "no answer in time"
+                errors.append(f"{relay_part}: {reason}")
+        raise ConnectionError("; ".join(errors) or f"no circuit address for {peer}")
+
+    # -- hole punching ----------------------------------------------------------
+    def _relayed_only(self) -> dict[str, bool | None]:
+        """Peers we reach only through a relay -> whether that relayed connection is inbound."""
+        result: dict[str, bool | None] = {}
+        network = self.host.get_network()
+        for peer in self.mesh.peers():
+            conns = network.get_connections(PeerID.from_base58(peer.peer_id))
+            addrs = [str(a) for c in conns for a in (c.get_transport_addresses() or [])]
+            if addrs and all(is_circuit(a) for a in addrs):
+                direction = str(getattr(conns[0], "direction", "")).lower()
+                result[peer.peer_id] = True if "inbound" in direction else False if "outbound" in direction else None
+        return result
+
+    async def _punch_loop(self) -> None:
+        assert self.dcutr is not None
+        while True:
+            now = time.time()
+            relayed = self._relayed_only()
+            for peer in list(self.punches.peers):
+                if peer not in relayed:
+                    self.punches.gone(peer)
+            for peer in relayed:
+                self.punches.relayed(peer, now)
+            for peer in self.punches.due(now):
+                state = self.punches.peers[peer]
+                if not should_initiate_punch(self.own_id, peer, relayed.get(peer)) and state.attempts < 2:
+                    # The other side drives; after two of its turns, we try too (it may run no DCUtR driver).
+                    self.punches.result(peer, False, now)
+                    continue
+                await self._punch(peer)
+            await trio.sleep(0.5)
+
+    async def _punch(self, peer: str) -> None:
+        assert self.dcutr is not None
+        pid = PeerID.from_base58(peer)
+        # py-libp2p stops after 3 attempts per connection; our scheduler owns retries.
+        self.dcutr._hole_punch_attempts.pop(pid, None)
+        started = time.perf_counter()
+        ok = False
+        reason = "timeout"
+        with trio.move_on_after(PUNCH_TIMEOUT_S):
+            try:
+                ok = bool(await self.dcutr.initiate_hole_punch(pid))
+                reason = "ok" if ok else "no direct connection"
+            except Exception as exc:
+                reason = failure_reason(exc)
+        elapsed = time.perf_counter() - started
+        retry_at = self.punches.result(peer, ok, time.time())
+        self.punch_log.append({"peer": peer, "ok": ok, "seconds": round(elapsed, 3), "at": time.time(),
+                               "reason": reason})
+        if ok:
+            log.info("event=hole_punched peer=%s seconds=%.3f", peer, elapsed)
+        else:
+            log.info(
+                'event=hole_punch_failed peer=%s reason="%s" seconds=%.3f retry_in_s=%.0f',
+                peer, reason, elapsed, (retry_at or time.time()) - time.time(),
+            )
