@@ -225,6 +225,26 @@ def status(
 
 
 @app.command()
+def connect(
+    addr: Annotated[str, typer.Argument(help="Multiaddr with /p2p/<id>; a /p2p-circuit one goes via its relay.")],
+    data_dir: DataDir = None, config: ConfigFile = None, api: Api = None, token: Token = None, json_: Json = False,
+) -> None:
+    """Connect the running node to a peer, directly or through a relay."""
+    from knexa.cli.client import ApiError
+
+    client = _client(data_dir, config, api, token)
+    try:
+        result = client.post("/v1/connect", {"addr": addr})
+    except ApiError as exc:
+        fail(str(exc))
+    if json_:
+        _print_json(result)
+        return
+    console.print(f"connected to {result['peer_id']} ({result['via']}) in {result['seconds'] * 1000:.0f} ms",
+                  highlight=False)
+
+
+@app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="The question.")],
     peer: Annotated[str | None, typer.Option(help="Run it on this peer's engine over signed RPC.")] = None,

@@ -78,6 +78,8 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
         ("engine", _engine_line(node.get("engine"))),
         ("dht", _dht_line(node.get("dht"))),
         ("collab", _collab_line(node.get("collab"))),
+        ("reachability", _nat_line(node.get("nat"))),
+        ("relays", _relay_line(node.get("nat"))),
         ("local API", node["api"]),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -155,6 +157,35 @@ def _engine_line(engine: dict[str, Any] | None) -> str:
         f"{engine['model']} on {engine['device']} ({engine['dtype']}), queue {engine['queue_length']}, "
         f"{engine['requests_served']} served, {speed}"
     )
+
+
+def _nat_line(nat: dict[str, Any] | None) -> str:
+    if not nat:
+        return "-"
+    votes = nat["autonat_votes"]
+    how = "set by config" if nat["reachability_mode"] != "auto" else (
+        f"AutoNAT: {votes['ok']} dial-back(s) ok, {votes['error']} failed")
+    punches = nat["hole_punches"]
+    punched = f"; hole punches {sum(p['ok'] for p in punches)}/{len(punches)} ok" if punches else ""
+    return f"{nat['reachability']} ({how}){punched}"
+
+
+def _relay_line(nat: dict[str, Any] | None) -> str:
+    if not nat:
+        return "-"
+    lines = []
+    if nat["relay_service"]:
+        lim = nat["relay_limits"]
+        lines.append(
+            f"serving as a relay (up to {lim['max_reservations']} reservations of {lim['reservation_ttl_s']}s; "
+            f"circuits up to {lim['max_circuit_duration_s']}s and {human_bytes(lim['max_circuit_bytes'])})"
+        )
+    for r in nat["reservations"]:
+        state = f"reserved, renews in {r['renew_in_s']:.0f}s" if r["state"] == "active" else (
+            f"{r['state']}" + (f": {r['last_error']}" if r["last_error"] else ""))
+        lines.append(f"{short_id(r['relay'])}: {state}")
+    lines += nat["relay_addrs"]
+    return "\n".join(lines) or "-"
 
 
 def _dht_line(dht: dict[str, Any] | None) -> str:

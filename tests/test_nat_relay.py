@@ -156,3 +156,28 @@ async def test_daemon_reports_nat_and_rejects_bad_connect_input(tmp_path: Path) 
             assert reply.status_code == 502 and "cannot connect" in reply.json()["detail"]
             reply = await client.post("/v1/diag/echo", json={"peer": "nope"})
             assert reply.status_code == 400
+
+
+async def test_status_and_peers_render_reachability_relays_and_kinds(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from knexa.cli.render import print_peers, print_status
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path / "n") as daemon:
+        info = daemon.node_info()
+        info["nat"].update(relay_service=True, relay_addrs=["/ip4/100.64.0.1/tcp/4001/p2p/R/p2p-circuit/p2p/X"],
+                           reservations=[{"relay": "12D3KooWRelayRelayRelay", "state": "active", "renew_in_s": 12.0,
+                                          "expires_in_s": 30.0, "renewals": 1, "last_error": None}])
+        console = Console(record=True, width=200)
+        print_status(console, info)
+        text = console.export_text()
+        assert "reachability" in text and "unknown (AutoNAT: 0 dial-back(s) ok, 0 failed)" in text
+        assert "serving as a relay" in text and "reserved, renews in 12s" in text and "/p2p-circuit/" in text
+        peers = [{"peer_id": f"12D3KooW{k}Peer", "address": "/ip4/100.64.2.2/tcp/4001", "kind": k,
+                  "direction": "outbound", "connected_at": 0.0, "rtt_ms": 1.0, "agent": None, "profile": None}
+                 for k in ("direct", "relayed", "hole-punched")]
+        console = Console(record=True, width=200)
+        print_peers(console, info, peers)
+        text = console.export_text()
+        assert all(k in text for k in ("direct", "relayed", "hole-punched"))

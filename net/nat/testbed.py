@@ -64,6 +64,13 @@ class Node:
 
         return in_namespace(self.ns, call)
 
+    def cli(self, *args: str) -> str:
+        """A knexa-node command run inside the node's namespace, against its API."""
+        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-c", "from knexa.cli.main import main; main()",
+               *args, "--data-dir", str(self.data_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        return proc.stdout + proc.stderr
+
     def info(self) -> dict[str, Any]:
         return self.api("GET", "/v1/node")
 
@@ -216,6 +223,9 @@ def scenario_a(bed: Testbed, kill_relay: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"scenario": "a", "first_contact_to_direct_s": round(since_contact, 3),
                               "relay_connect_s": met["relay_connect_s"], "punch_attempts": len(punches),
                               "direct_addr_h1": kind["address"], "direct_addr_h2": other["address"]}
+    peers_output = h1.cli("peers")
+    bed.out("$ knexa-node peers   (home1)\n" + peers_output.rstrip())
+    result["peers_output"] = peers_output
     result["rpc_direct"] = _bench(bed, h1, h2, "direct")
     if kill_relay:
         result.update(_kill_relay(bed, h1, h2))
