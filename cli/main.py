@@ -93,7 +93,9 @@ def start(
         str | None, typer.Option(help="'embedded' (shipped SmolLM2), a Hugging Face model folder, or 'none'.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
-    dht_mode: Annotated[str | None, typer.Option(help="server, or client behind a NAT [default: server].")] = None,
+    dht_mode: Annotated[
+        str | None, typer.Option(help="auto (client once AutoNAT says private), server, client [default: auto].")
+    ] = None,
     reachability: Annotated[
         str | None, typer.Option(help="auto (AutoNAT decides), public or private [default: auto].")
     ] = None,

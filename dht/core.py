@@ -106,6 +106,20 @@ class DhtCore:
         self._failed: dict[PeerID, float] = {}  # peer -> skip until (trio clock)
         self._pending_adds: set[PeerID] = set()
 
+    def set_server(self, server: bool) -> None:
+        """Answer other peers' DHT queries (server) or not (client), e.g. as AutoNAT finds the node
+        public or private. Not KadDHT.switch_mode: that empties the routing table, which a client
+        still needs for its own lookups."""
+        if server == self.server:
+            return
+        self.server = server
+        self.dht.mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        if server:
+            self.host.set_stream_handler(PROTOCOL_ID, self.dht.handle_stream)
+        else:
+            self.host.remove_stream_handler(PROTOCOL_ID)
+        logger.info("event=dht_mode mode=%s", "server" if server else "client")
+
     # ---- lifecycle -------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -40,8 +40,9 @@ class NodeConfig:
     model: str = "embedded"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     # DHT server mode answers other peers' queries; a node that others cannot
-    # dial (behind a NAT) should run as a client.
-    dht_mode: str = "server"
+    # dial (behind a NAT) should run as a client. "auto" follows AutoNAT: a server
+    # until AutoNAT finds the node private.
+    dht_mode: str = "auto"
     # converted models are cached here, shared by every node of this user
     cache_dir: Path = field(default_factory=default_data_dir)
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
@@ -96,8 +97,8 @@ class NodeConfig:
             raise ConfigError("ping_interval_s must be positive")
         if self.model not in ("embedded", "none") and not Path(self.model).expanduser().is_dir():
             raise ConfigError(f"model {self.model!r} is not 'embedded', 'none' or a model folder")
-        if self.dht_mode not in ("server", "client"):
-            raise ConfigError(f"dht_mode must be server or client, not {self.dht_mode!r}")
+        if self.dht_mode not in ("auto", "server", "client"):
+            raise ConfigError(f"dht_mode must be auto, server or client, not {self.dht_mode!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         try:

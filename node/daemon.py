@@ -141,7 +141,7 @@ class Daemon:
         self.rpc = RpcService(self.host, self.key_pair)
         self.rpc.register_metrics(self.metrics.registry)
         self.discovery = Discovery(
-            self.host, self.key_pair, server=config.dht_mode == "server", bootstrap=self.bootstrap_addrs
+            self.host, self.key_pair, server=_dht_server(config), bootstrap=self.bootstrap_addrs
         )
         self.rpc.resolve_peer = self._resolve_peer
         register_echo(self.rpc)
@@ -214,6 +214,9 @@ class Daemon:
         # Reachability or relay addresses changed: republish the profile that carries them.
         if self.ledger_service is not None:
             self.ledger_service.refresh_profile()
+        if self.config.dht_mode == "auto" and self.nat.reachability in ("public", "private"):
+            # Others cannot dial a private node to query it: it stops serving the DHT.
+            self.discovery.set_server(self.nat.reachability == "public")
 
     async def _resolve_peer(self, peer: PeerID) -> None:
         """Addresses for a peer we are not connected to: through its relay if its profile says it
@@ -370,6 +373,12 @@ class Daemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)
+
+
+def _dht_server(config: NodeConfig) -> bool:
+    """DHT server mode at start: "auto" serves unless the node is configured as private
+    (then AutoNAT's verdicts switch it as they come)."""
+    return config.dht_mode == "server" or (config.dht_mode == "auto" and config.reachability != "private")
 
 
 def _engine_summary(status: dict[str, Any]) -> dict[str, Any]:

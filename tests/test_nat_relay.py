@@ -181,3 +181,23 @@ async def test_status_and_peers_render_reachability_relays_and_kinds(tmp_path: P
         print_peers(console, info, peers)
         text = console.export_text()
         assert all(k in text for k in ("direct", "relayed", "hole-punched"))
+
+
+async def test_dht_mode_follows_reachability(tmp_path: Path) -> None:
+    from knexa.node.config import NodeConfig
+    from knexa.node.daemon import Daemon
+
+    def server(**kw: Any) -> bool:
+        config = NodeConfig(data_dir=tmp_path / "d", listen=["/ip4/127.0.0.1/tcp/0"], model="none", **kw).validate()
+        return Daemon(config).discovery.server
+
+    assert server() and server(dht_mode="server", reachability="private")
+    assert not server(reachability="private") and not server(dht_mode="client")
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path / "n") as daemon:
+        assert daemon.discovery.server
+        daemon.nat.tracker.forced = "private"
+        daemon.nat.tracker.decide(0)
+        daemon._nat_changed()
+        assert not daemon.discovery.server
