@@ -137,6 +137,16 @@ async def test_moa_round_k2_m2_completes_and_survives_a_node_killed_mid_round(tm
         assert layer1 == {origin.peer_id, others[0].peer_id, others[1].peer_id}
         assert set(result["contributors"]) == {origin.peer_id, victim.peer_id, *(o.peer_id for o in others)}
         assert result["text"]
+
+        # A peer that hangs (alive, never answering) is left out at the layer deadline, not waited for.
+        async def hung_run_job(messages, params, *, force=False):
+            await trio.sleep_forever()
+
+        others[1].collab.run_job = hung_run_job
+        origin.collab.candidates = _prefer(origin.collab.candidates, others[0].peer_id, others[1].peer_id)
+        result = await origin.collab.ask_moa(QUESTION, 2, 1, GenerateParams(max_new_tokens=8), 3.0)
+        assert (others[1].peer_id, 0, "deadline") in [(x["peer_id"], x["layer"], x["reason"]) for x in result["missed"]]
+        assert set(result["contributors"]) == {origin.peer_id, others[0].peer_id} and result["text"]
         nursery.cancel_scope.cancel()
 
 
@@ -200,7 +210,17 @@ async def test_admission_keeps_the_queue_bounded_at_one_and_a_half_times_capacit
     async with running_daemon(tmp_path / "w", model=tiny_model, cache_dir=shared) as worker:
         async with running_daemon(tmp_path / "c", [p2p_addr(worker)]) as client:
             await wait_for(lambda: _ready(worker), 60)
+            # Malformed jobs get clear errors, and the node keeps serving.
+            worker_id = PeerID.from_base58(worker.peer_id)
+            bad_role = ProposeCall(round_id="r", layer=0, messages=[Message(role="wizard", content="hi")])
+            with pytest.raises(RpcError) as refused:
+                await client.rpc.call(worker_id, METHOD_PROPOSE, bad_role, timeout=30, response_model=ProposeReply)
+            assert refused.value.code == ErrorCode.BAD_REQUEST and "role" in refused.value.message
+            with pytest.raises(RpcError) as garbage:
+                await client.rpc.call(worker_id, METHOD_PROPOSE, {"layer": "x"}, timeout=30)
+            assert garbage.value.code == ErrorCode.BAD_REQUEST
             admission = worker.collab.admission
+            assert admission.queue_length == 0
             # Measure the service time the way the node does: sequential jobs.
             await _offer_load(client, worker, 6, 0.0)  # warm-up, concurrent: fills the estimate
             for _ in range(4):

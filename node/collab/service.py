@@ -189,7 +189,7 @@ class CollabService:
                     result = await self.inference.require_engine().generate(request)
                 except EngineError as exc:
                     code = "overloaded" if exc.code == "overloaded" else "engine"
-                    raise CollabError(code, f"{exc.code}: {exc}", 1.0 if code == "overloaded" else None) from None
+                    raise CollabError(code, f"{exc.code}: {exc}", 1.0 if code == "overloaded" else None) from exc
                 service_time = trio.current_time() - started
         finally:
             self.admission.job_done(service_time)
@@ -206,7 +206,12 @@ class CollabService:
                 raise RpcError(ErrorCode.OVERLOADED, overloaded_message(exc.retry_after_s or 1.0, str(exc))) from None
             if exc.code == "unavailable":
                 raise RpcError(ErrorCode.UNAVAILABLE, str(exc)) from None
-            raise RpcError(ErrorCode.BAD_REQUEST if "invalid" in str(exc) else ErrorCode.INTERNAL, str(exc)) from None
+            from knexa.node.engine import EngineError
+            from knexa.node.inference import rpc_error_for
+
+            if isinstance(exc.__cause__, EngineError):  # the engine's own codes: bad request, down, ...
+                raise rpc_error_for(exc.__cause__) from None
+            raise RpcError(ErrorCode.INTERNAL, str(exc)) from None
 
     def own_bid(self, requirement: dict[str, float]) -> Bid:
         return Bid(self.peer_id, cosine(self.settings.skills, requirement), self.admission.queue_length)
@@ -336,6 +341,8 @@ class CollabService:
         prompt = aggregate_messages(question, answers)
         if len(answers) == 1:
             return answers[0], None
+        # Proposers may sample for diversity; the synthesis is greedy, so one set of answers gives one result.
+        params = params.model_copy(update={"temperature": 0.0, "seed": None})
         aggregators = [self.peer_id] if self.own_model() else [p for p in state.contributors() if p in state.peers]
         for aggregator in aggregators[:2]:
             try:
