@@ -28,9 +28,11 @@ def test_hole_punch_through_port_preserving_nats_survives_relay_death() -> None:
     assert result["direct_addr_h1"] == "/ip4/100.64.2.2/tcp/4001"  # home2's router, its listen port kept
     assert result["direct_addr_h2"] == "/ip4/100.64.1.2/tcp/4001"
     assert result["rpc_direct"]["bulk"]["mismatches"] == 0
+    # After the punch, new RPC streams run over the direct connection, not the relay.
+    assert result["rpc_direct"]["bulk"]["rpc_paths"] == ["/ip4/100.64.2.2/tcp/4001"]
     after = result["after_relay_death"]
     assert after["kind"] == "hole-punched"
-    assert all("/p2p-circuit" not in p for p in after["echo"]["paths"])
+    assert all("/p2p-circuit" not in p for p in after["echo"]["rpc_paths"])
     assert _namespaces() == before  # torn down
 
 
@@ -40,7 +42,7 @@ def test_relay_carries_rpc_through_a_port_randomizing_nat() -> None:
     result = run("b", out=print)
     bench = result["rpc_relayed"]
     assert bench["small"]["mismatches"] == 0 and bench["bulk"]["mismatches"] == 0
-    assert all("/p2p-circuit" in p for p in bench["bulk"]["paths"])
+    assert all("/p2p-circuit" in p for p in bench["bulk"]["rpc_paths"])
     assert result["kind_after"] in ("relayed", "hole-punched")
     assert _namespaces() == before
 

@@ -101,6 +101,7 @@ async def test_reservation_limits_renewal_and_relayed_rpc() -> None:
                 assert seen.kind == "relayed"
                 result = await measure_echo(b.rpc, peer_a, 4096, 20)
                 assert result["mismatches"] == 0
+                assert result["rpc_paths"] and all("/p2p-circuit" in p for p in result["rpc_paths"])
                 conns = b.host.get_network().get_connections(peer_a)
                 assert all("/p2p-circuit" in str(x) for c in conns for x in c.get_transport_addresses())
 

@@ -53,4 +53,6 @@ async def measure_echo(rpc: Any, peer: PeerID, size: int, count: int, timeout_s:
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
         "mib_per_s": round(size * count / wall / (1024 * 1024), 3),
+        # the connection(s) the calls actually went over
+        "rpc_paths": rpc.session_paths(peer),
     }

@@ -202,7 +202,7 @@ def _echo(node: Node, peer: str, size: int, count: int) -> dict[str, Any]:
 def _bench(bed: Testbed, h1: Node, h2: Node, label: str) -> dict[str, Any]:
     small = _echo(h1, h2.peer_id, 1024, 200)
     bulk = _echo(h1, h2.peer_id, 256 * 1024, 64)
-    bed.out(f"RPC over the {label} path ({', '.join(bulk['paths'])}): 1 KiB p50 {small['p50_ms']:.2f} ms "
+    bed.out(f"RPC over the {label} path ({', '.join(bulk['rpc_paths'])}): 1 KiB p50 {small['p50_ms']:.2f} ms "
             f"p99 {small['p99_ms']:.2f} ms; 256 KiB x 64: {bulk['mib_per_s']:.1f} MiB/s each way, "
             "every reply verified")
     return {"small": small, "bulk": bulk}
@@ -242,7 +242,7 @@ def _kill_relay(bed: Testbed, h1: Node, h2: Node) -> dict[str, Any]:
         raise ScenarioFailed("the nodes lost each other when the relay died")
     echo = _echo(h1, h2.peer_id, 1024, 50)
     bed.out(f"after the relay died: still connected ({p1['kind']}, {p1['address']}), "
-            f"RPC p50 {echo['p50_ms']:.2f} ms over {', '.join(echo['paths'])}, "
+            f"RPC p50 {echo['p50_ms']:.2f} ms over {', '.join(echo['rpc_paths'])}, "
             f"{time.monotonic() - killed_at:.1f}s after the kill")
     return {"after_relay_death": {"kind": p1["kind"], "address": p1["address"], "echo": echo}}
 
@@ -265,7 +265,7 @@ def scenario_b(bed: Testbed) -> dict[str, Any]:
         raise ScenarioFailed(f"the nodes lost each other (kind {now_kind})")
     after = _echo(h1, h2.peer_id, 1024, 20)
     bed.out(f"RPC still answered after the punch attempts: p50 {after['p50_ms']:.2f} ms over "
-            f"{', '.join(after['paths'])}")
+            f"{', '.join(after['rpc_paths'])}")
     return {"scenario": "b", "rpc_relayed": bench, "punch_attempts": len(punches),
             "punch_succeeded": sum(p["ok"] for p in punches), "kind_after": now_kind}
 

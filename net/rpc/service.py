@@ -195,6 +195,16 @@ class RpcService:
         (a direct one that replaced a relayed one); calls in flight finish on their old stream."""
         return len(self._clients.pop(peer_id, []))
 
+    def session_paths(self, peer_id: PeerID) -> list[str]:
+        """Transport addresses of the connections that carry our call streams to `peer_id`."""
+        paths: list[str] = []
+        for session in self._clients.get(peer_id, []):
+            get_addrs = getattr(session.fs.stream.muxed_conn, "get_transport_addresses", None)
+            for addr in (get_addrs() or []) if get_addrs is not None else []:
+                if str(addr) not in paths:
+                    paths.append(str(addr))
+        return paths
+
     async def _session(self, peer_id: PeerID) -> ClientSession:
         pool = self._clients[peer_id]
         best = min(pool, key=lambda s: len(s.calls), default=None)
