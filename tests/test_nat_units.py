@@ -186,3 +186,16 @@ def test_relay_limits_map_onto_libp2p() -> None:
                                max_circuit_bytes=1 << 20, max_circuits_per_peer=2).to_libp2p()
     assert (limits.max_reservations, limits.reservation_ttl, limits.duration, limits.data,
             limits.max_circuit_conns) == (3, 120, 30, 1 << 20, 2)
+
+
+def test_direct_dials_skip_private_addresses_of_other_lans() -> None:
+    from knexa.net.nat.policy import worth_direct_dial
+
+    own = ["/ip4/192.168.2.2/tcp/4001/p2p/12D3KooWX", "/ip4/127.0.0.1/tcp/4001"]
+    assert not worth_direct_dial("/ip4/192.168.1.2/tcp/4001", own)  # another home's LAN
+    assert not worth_direct_dial("/ip4/10.0.0.1/tcp/4001", own)
+    assert not worth_direct_dial("/ip4/0.0.0.0/tcp/4001", own)
+    assert worth_direct_dial("/ip4/192.168.2.7/tcp/4001", own)  # our own LAN
+    assert worth_direct_dial("/ip4/100.64.1.2/tcp/4001", own)  # shared / public space
+    assert worth_direct_dial("/ip4/127.0.0.1/tcp/5000", own)
+    assert worth_direct_dial("/ip6/2001:db8::1/tcp/4001", own)

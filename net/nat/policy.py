@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import dataclass, field
 
@@ -210,6 +211,33 @@ class PunchScheduler:
             return None
         state.next_at = now + min(self.retry_max_s, self.retry_initial_s * 2 ** (state.attempts - 1))
         return state.next_at
+
+
+def _ipv4(address: str) -> ipaddress.IPv4Address | None:
+    parts = address.split("/")
+    if len(parts) > 2 and parts[1] == "ip4":
+        try:
+            return ipaddress.IPv4Address(parts[2])
+        except ValueError:
+            return None
+    return None
+
+
+def worth_direct_dial(address: str, own_addresses: list[str]) -> bool:
+    """Whether dialing a peer's announced address could reach it from here.
+
+    A private (RFC 1918) or link-local IPv4 address is only worth a dial from the same /24
+    as one of our own addresses: from another LAN it never answers and the dial waits out
+    its timeout. Public, shared (100.64/10) and IPv6 addresses are always worth a try."""
+    ip = _ipv4(address)
+    if ip is None:
+        return True  # IPv6 or a name: worth a try
+    if ip.is_unspecified:
+        return False
+    if ip.is_loopback or not (ip.is_private or ip.is_link_local):
+        return True
+    network = ipaddress.IPv4Network(f"{ip}/24", strict=False)
+    return any((own := _ipv4(a)) is not None and own in network for a in own_addresses)
 
 
 def is_circuit(address: str) -> bool:

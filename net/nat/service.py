@@ -40,6 +40,7 @@ from knexa.net.nat.policy import (
     circuit_addr,
     is_circuit,
     should_initiate_punch,
+    worth_direct_dial,
 )
 
 log = logging.getLogger("knexa.nat")
@@ -53,10 +54,29 @@ DCUTR_DIAL_TIMEOUT_S = 3
 
 class _DrivenDCUtR(DCUtRProtocol):
     """py-libp2p's DCUtR without its own driver loop (three tries every 2 s, then never again):
-    the NatService decides when to punch and retries with backoff."""
+    the NatService decides when to punch and retries with backoff.
+
+    Its first step, a plain dial of every address the peer announced, also waits out the dial
+    timeout on the peer's private LAN addresses, which never answer from another LAN: here it
+    dials only the addresses `worth_direct_dial` keeps, and none at all if none is left."""
 
     async def _auto_drive_loop(self) -> None:
         await trio.sleep_forever()
+
+    async def _try_unilateral_upgrade(self, peer_id: PeerID) -> bool:
+        try:
+            known = [a for a in self.host.get_peerstore().addrs(peer_id) if not is_circuit(str(a))]
+        except Exception:  # a peer the peerstore has never heard of
+            return False
+        own = [str(a) for a in dialable_addrs(self.host)]
+        addrs = [a for a in known if worth_direct_dial(str(a), own)]
+        if not addrs:
+            return False
+        with trio.move_on_after(self.dial_timeout):
+            async with trio.open_nursery() as nursery:
+                for addr in addrs:
+                    nursery.start_soon(self._dial_peer, peer_id, addr)
+        return await self._verify_direct_connection(peer_id)
 
 
 class NatService:
