@@ -3,8 +3,8 @@
     python bench/ledger_mesh.py [--sizes 10,30,50] [--links 3]
 
 N daemons (host, GossipSub, signed RPC, ledger, DHT, local API; no model) join
-a mesh where each dials `--links` random earlier nodes; py-libp2p's
-auto-connector is stopped on each, as in bench/dht.py. Once every node holds every profile,
+a mesh where each dials `--links` random earlier nodes (hosts never run
+py-libp2p's auto-connector, see knexa.net.host). Once every node holds every profile,
 one node writes a report; the benchmark times until every node holds it, and
 prints it beside the target (2 s at 50 nodes).
 """
@@ -34,13 +34,24 @@ async def start_node(nursery: trio.Nursery, data_dir: Path, bootstrap: list[str]
     return daemon
 
 
-async def wait_until(predicate, timeout_s: float) -> float:
+async def wait_until(predicate, timeout_s: float, progress=None) -> float:
     started = time.perf_counter()
+    next_report = started + 10
     with trio.fail_after(timeout_s):
         # The ledgers have no change event to wait on; 5 ms polling bounds the error.
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.005)
+            if progress is not None and time.perf_counter() >= next_report:
+                print(f"    after {time.perf_counter() - started:5.1f}s: {progress()}", flush=True)
+                next_report += 10
     return time.perf_counter() - started
+
+
+def profile_spread(nodes: list[Daemon]) -> str:
+    held = sorted(len(n.ledger.profiles()) for n in nodes)
+    links = sorted(len(n.host.get_connected_peers()) for n in nodes)
+    return (f"profiles held min {held[0]} median {held[len(held) // 2]} of {len(nodes)}; "
+            f"connections min {links[0]} median {links[len(links) // 2]}")
 
 
 async def run_size(size: int, links: int, rng: random.Random) -> None:
@@ -53,7 +64,9 @@ async def run_size(size: int, links: int, rng: random.Random) -> None:
                 bootstrap = [str(n.host.get_addrs()[0]) for n in earlier]
                 nodes.append(await start_node(nursery, Path(tmp) / f"n{i}", bootstrap))
             ids = {n.peer_id for n in nodes}
-            formed = await wait_until(lambda: all(set(n.ledger.profiles()) == ids for n in nodes), 300)
+            formed = await wait_until(
+                lambda: all(set(n.ledger.profiles()) == ids for n in nodes), 300, lambda: profile_spread(nodes)
+            )
             print(f"  {size:3d} nodes: started in {time.perf_counter() - started - formed:5.1f}s, "
                   f"all profiles everywhere after {formed:5.1f}s more", flush=True)
             await trio.sleep(2)  # let GossipSub heartbeats settle the mesh

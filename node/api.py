@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from knexa.dht import DhtKeyError, DiscoveryError
 from knexa.net.version import KNEXA_VERSION
 from knexa.node.collab.api import add_collab_routes
+from knexa.node.ledger_api import add_ledger_routes
 from knexa.node.nat_api import add_nat_routes
 from knexa.node.openai_api import add_adapter_routes, add_openai_routes
 
@@ -54,8 +55,8 @@ class NodeInfo(BaseModel):
     ledger: LedgerStats | None = None
     engine: dict[str, Any] | None = None
     dht: dict[str, Any] | None = None
-    nat: dict[str, Any] | None = None
     collab: dict[str, Any] | None = None
+    nat: dict[str, Any] | None = None
 
 
 class ProfileSummary(BaseModel):
@@ -178,8 +179,9 @@ def create_app(daemon: Daemon) -> FastAPI:
     router = APIRouter(dependencies=authed)
     add_openai_routes(router, daemon)
     add_adapter_routes(router, daemon)
-    add_nat_routes(router, daemon)
     add_collab_routes(router, daemon)
+    add_nat_routes(router, daemon)
+    add_ledger_routes(router, daemon)
     app.include_router(router)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)

@@ -21,6 +21,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from libp2p.peer.id import ID as PeerID
 
+from knexa.crdt.entry import Entry
 from knexa.crdt.ledger import Ledger
 from knexa.crdt.profile import CapabilityProfile, Device, Load, Reachability
 from knexa.crdt.store import LedgerStore
@@ -205,11 +206,6 @@ class Daemon:
         if status.get("state") == "ready" and model and self._nursery is not None:
             self._nursery.start_soon(self._announce_model, model["name"], model["weights_sha256"])
 
-    def _publish_report(self, subject: str, score: float, reason: str) -> None:
-        """A signed reputation report about a peer, into the ledger and out to the mesh."""
-        if self.ledger is not None and self.ledger_service is not None:
-            self.ledger_service.announce([self.ledger.put_report(subject, score, reason)])
-
     def _nat_changed(self) -> None:
         # Reachability or relay addresses changed: republish the profile that carries them.
         if self.ledger_service is not None:
@@ -217,6 +213,18 @@ class Daemon:
         if self.config.dht_mode == "auto" and self.nat.reachability in ("public", "private"):
             # Others cannot dial a private node to query it: it stops serving the DHT.
             self.discovery.set_server(self.nat.reachability == "public")
+
+    def _publish_report(self, subject: str, score: float, reason: str) -> None:
+        """A signed reputation report about a peer, into the ledger and out to the mesh."""
+        if self.ledger is not None and self.ledger_service is not None:
+            self.ledger_service.announce([self.ledger.put_report(subject, score, reason)])
+
+    def report_peer(self, subject: str, score: float, reason: str) -> Entry:
+        """An operator's report about a peer: signed, stored and spread like the node's own."""
+        assert self.ledger is not None and self.ledger_service is not None
+        entry = self.ledger.put_report(subject, score, reason)
+        self.ledger_service.announce([entry])
+        return entry
 
     async def _resolve_peer(self, peer: PeerID) -> None:
         """Addresses for a peer we are not connected to: through its relay if its profile says it

@@ -127,3 +127,16 @@ def _parse_metrics(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+async def test_a_node_does_not_dial_peers_it_merely_knows(tmp_path):
+    # py-libp2p's auto-connector would dial every peer in the peerstore (up to
+    # 150 connections); the node's hosts keep it off and choose whom to dial.
+    async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b") as b:
+        known = b.host.get_id()
+        a.host.get_peerstore().add_addrs(known, b.host.get_addrs(), 3600)
+        network = a.host.get_network()
+        await network.auto_connector.maybe_connect()
+        await trio.sleep(0.5)
+        assert known not in a.host.get_connected_peers()
+        assert not network.auto_connector._started  # its periodic dialling task never ran
