@@ -169,8 +169,17 @@ def _private_with_relay(node: Node) -> dict[str, Any] | None:
     return nat if nat.get("reachability") == "private" and nat.get("relay_addrs") else None
 
 
-def _meet(bed: Testbed) -> dict[str, Any]:
-    """Start the three nodes, wait for reachability and reservations, connect home1 -> home2 via the relay."""
+def _try_echo(node: Node, peer: str) -> dict[str, Any] | None:
+    try:
+        return _echo(node, peer, 1024, 1)
+    except ScenarioFailed:
+        return None
+
+
+def _meet(bed: Testbed, explicit: bool = True) -> dict[str, Any]:
+    """Start the three nodes, wait for reachability and reservations, then home1 reaches home2 through
+    the relay: with `knexa-node connect <circuit addr>` (explicit), or by just calling it over RPC, which
+    finds the relay address in home2's ledger profile."""
     out = bed.out
     t0 = time.monotonic()
     relay, h1, h2 = bed.start_network()
@@ -183,12 +192,17 @@ def _meet(bed: Testbed) -> dict[str, Any]:
     nat2, t2 = wait_until("home2 private with a reservation", lambda: _private_with_relay(h2), 90)
     out(f"home1: private, reserved on the relay, advertises {nat1['relay_addrs'][0]} ({t1:.1f}s)")
     out(f"home2: private, reserved on the relay, advertises {nat2['relay_addrs'][0]} (+{t2:.1f}s)")
-    profile, _ = wait_until("home2's ledger profile carries reachability", lambda: (
-        (h2.peer(relay.peer_id) or {}).get("profile") or {}).get("reachability") == "public", 30)
     started = time.monotonic()
-    reply = h1.api("POST", "/v1/connect", {"addr": nat2["relay_addrs"][0]})
-    out(f"home1 -> home2 through the relay: connected in {reply['seconds'] * 1000:.0f} ms")
-    return {"relay": relay, "h1": h1, "h2": h2, "contact_at": started, "relay_connect_s": reply["seconds"],
+    if explicit:
+        reply = h1.api("POST", "/v1/connect", {"addr": nat2["relay_addrs"][0]})
+        seconds = reply["seconds"]
+        out(f"home1 -> home2 through the relay: connected in {seconds * 1000:.0f} ms")
+    else:
+        # home2's profile (with its relay address) reaches home1 through the relay's gossip.
+        _, seconds = wait_until("home1 reaches home2 by RPC alone", lambda: _try_echo(h1, h2.peer_id), 60, 0.5)
+        out(f"home1 -> home2 by RPC to its peer id: the relay address came from home2's ledger profile "
+            f"({seconds:.1f}s after both reserved)")
+    return {"relay": relay, "h1": h1, "h2": h2, "contact_at": started, "relay_connect_s": seconds,
             "reservation_s": max(t1, t2)}
 
 
@@ -248,7 +262,7 @@ def _kill_relay(bed: Testbed, h1: Node, h2: Node) -> dict[str, Any]:
 
 
 def scenario_b(bed: Testbed) -> dict[str, Any]:
-    met = _meet(bed)
+    met = _meet(bed, explicit=False)
     h1, h2 = met["h1"], met["h2"]
     peer = h1.peer(h2.peer_id)
     if not peer or peer["kind"] != "relayed":
