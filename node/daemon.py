@@ -47,6 +47,7 @@ from knexa.node.paths import LOCK_FILE, STATE_FILE, TOKEN_FILE
 
 if TYPE_CHECKING:
     from knexa.node.inference import InferenceService
+    from knexa.node.kvshare.service import KvShareService
 
 log = logging.getLogger("knexa.daemon")
 
@@ -158,6 +159,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.ledger_service: LedgerService | None = None
         self.inference: InferenceService | None = None
+        self.kvshare: KvShareService | None = None  # prefix-cache sharing, on nodes that run a model
         if config.model != "none":
             # torch and transformers take seconds to import: only for nodes that run a model.
             from knexa.node.engine import EngineConfig
@@ -170,6 +172,9 @@ class Daemon:
                 show_progress=False,
             )
             self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)
+            from knexa.node.kvshare.service import KvShareService
+
+            self.kvshare = KvShareService(self.rpc, self.discovery, self.inference.require_engine)
         self.collab = CollabService(
             self.rpc, self.peer_id, self.inference, lambda: self.ledger, self._publish_report,
             lambda: [p.peer_id for p in self.mesh.peers()],
@@ -333,6 +338,8 @@ class Daemon:
             # After the API has bound: a start that fails must not first wait for a model load.
             if self.inference is not None:
                 await nursery.start(self.inference.run)
+            if self.kvshare is not None:
+                await nursery.start(self.kvshare.run)
             await nursery.start(self.collab.run)
             self._write_state()
             log.info(

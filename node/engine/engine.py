@@ -183,14 +183,23 @@ class Engine:
         *,
         messages: Sequence[dict[str, Any]] | None = None,
         adapter: str | None = None,
+        prefix: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Run a prompt (text, token ids or chat messages) and export its KV cache: named CPU tensors
-        `layers.{i}.keys` / `layers.{i}.values` and msgpack-able metadata (see kv.py)."""
+        `layers.{i}.keys` / `layers.{i}.values` and msgpack-able metadata (see kv.py). `prefix`, an imported
+        cache (tensors, metadata) of a prefix of the prompt's tokens, is checked and only the rest is computed;
+        IncompatibleCache when it is not this model's or not a prefix."""
         if (prompt is None) == (messages is None):
             raise InvalidRequest("give exactly one of prompt or messages")
         if messages is not None:
             validate_messages(messages)
-        return await self._call(PrefillJob(reply=_TrioReply(), prompt=prompt, messages=messages, adapter=adapter))
+        job = PrefillJob(reply=_TrioReply(), prompt=prompt, messages=messages, adapter=adapter)
+        if prefix is not None:
+            kv, metadata = prefix
+            if not isinstance(kv, Mapping) or not isinstance(metadata, Mapping):
+                raise InvalidRequest("prefix must be (dict of tensors, metadata dict)")
+            job.prefix_kv, job.prefix_metadata = dict(kv), dict(metadata)
+        return await self._call(job)
 
     async def score(
         self, prompt: str | Sequence[int], completion: str | Sequence[int], *, adapter: str | None = None

@@ -41,6 +41,9 @@ class PrefillJob(Job):
     prompt: str | Sequence[int] | None = None
     messages: Sequence[dict[str, Any]] | None = None
     adapter: str | None = None
+    # An imported cache of a prefix of the prompt (prefix-cache sharing): only the rest is computed.
+    prefix_kv: dict[str, torch.Tensor] | None = None
+    prefix_metadata: dict[str, Any] | None = None
 
 
 @dataclass

@@ -16,7 +16,15 @@ import torch
 from .batch import BatchLayout
 from .config import EngineConfig
 from .device import configure_threads
-from .errors import AdapterBusy, EngineClosed, EngineCrashed, EngineDown, EngineError, InvalidRequest
+from .errors import (
+    AdapterBusy,
+    EngineClosed,
+    EngineCrashed,
+    EngineDown,
+    EngineError,
+    IncompatibleCache,
+    InvalidRequest,
+)
 from .generation import RowProgress
 from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob
 from .kv import check_import, export_cache
@@ -247,7 +255,18 @@ class Worker:
         else:
             token_ids = model.token_ids_of(job.prompt or [], "prompt", special=True)
         model.check_context(len(token_ids), 0)
-        _, cache = model.forward_prompt(token_ids, None, job.adapter)
+        past, rest = None, token_ids
+        if job.prefix_kv is not None:
+            pairs, cached_ids = check_import(job.prefix_kv, job.prefix_metadata or {}, model.identity)
+            if (job.prefix_metadata or {}).get("adapter") != job.adapter:
+                raise IncompatibleCache("the prefix cache was computed with another adapter")
+            if len(cached_ids) > len(token_ids) or token_ids[: len(cached_ids)] != cached_ids:
+                raise IncompatibleCache("the imported cache does not cover a prefix of the prompt")
+            past = [(k.to(model.device), v.to(model.device)) for k, v in pairs]
+            rest = token_ids[len(cached_ids) :]
+            if not rest:
+                return export_cache(past, token_ids, model.identity, job.adapter)
+        _, cache = model.forward_prompt(rest, past, job.adapter)
         return export_cache(cache, token_ids, model.identity, job.adapter)
 
     def _score(self, job: ScoreJob) -> ScoreResult:

@@ -1,0 +1,7 @@
+"""KV caches shared between nodes.
+
+- `prefix`: the bounded local store of prefilled caches (LRU by bytes) and block-aligned prefix keys (pure).
+- `plan`: measured rates and the fetch-or-compute decision (pure).
+- `protocol`: the `kv.prefix` RPC method, its messages and the fetching side (trio).
+- `service`: the node's prefill that looks for a peer's prefix first, stores and announces what it computed.
+"""
