@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import multiaddr
@@ -102,6 +103,22 @@ async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:
         logging.getLogger("knexa.host").debug("event=close_failed reason=%s", exc)
 
 
+_INTERFACES_TTL_S = 10.0
+_interfaces: dict[int, tuple[float, list[multiaddr.Multiaddr]]] = {}
+
+
+def _interface_addrs(port: int) -> list[multiaddr.Multiaddr]:
+    # py-libp2p asks for the host's addresses on every pubsub message it sends
+    # (to sign a peer record); enumerating interfaces each time costs more than
+    # the message. Interfaces change rarely: a few seconds' staleness is fine.
+    now = time.monotonic()
+    cached = _interfaces.get(port)
+    if cached is None or now - cached[0] > _INTERFACES_TTL_S:
+        cached = (now, list(get_available_interfaces(port)))
+        _interfaces[port] = cached
+    return cached[1]
+
+
 def dialable_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
     """The host's addresses as others can dial them: wildcards become interface addresses."""
     suffix = f"/p2p/{host.get_id()}"
@@ -112,7 +129,7 @@ def dialable_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
         if ip in ("0.0.0.0", "::") and "tcp" in names:
             family = 4 if names[0] == "ip4" else 6
             candidates = [
-                a for a in get_available_interfaces(int(addr.value_for_protocol("tcp")))
+                a for a in _interface_addrs(int(addr.value_for_protocol("tcp")))
                 if a.protocols()[0].name == f"ip{family}"
             ]
         else:
