@@ -199,3 +199,18 @@ def test_direct_dials_skip_private_addresses_of_other_lans() -> None:
     assert worth_direct_dial("/ip4/100.64.1.2/tcp/4001", own)  # shared / public space
     assert worth_direct_dial("/ip4/127.0.0.1/tcp/5000", own)
     assert worth_direct_dial("/ip6/2001:db8::1/tcp/4001", own)
+
+
+def test_a_failing_relay_keeps_its_backoff_while_the_next_candidate_is_tried() -> None:
+    book = ReservationBook(rng=random.Random(3))
+    candidates = [("A", "/ip4/1.1.1.1/tcp/1"), ("B", "/ip4/2.2.2.2/tcp/1"), ("C", "/ip4/3.3.3.3/tcp/1")]
+    book.track(candidates, max_relays=1, now=0)
+    assert list(book.entries) == ["A"]
+    book.failed("A", "no HOP protocol", now=0)
+    book.track(candidates, max_relays=1, now=1)
+    assert list(book.entries) == ["A", "B"]  # A still retried on its own schedule
+    book.reserved("B", expires_at=3600, now=1)
+    book.track(candidates, max_relays=1, now=2)
+    assert list(book.entries) == ["A", "B"]  # one working reservation is enough
+    book.track([("B", "/ip4/9.9.9.9/tcp/1")], max_relays=1, now=3)
+    assert book.entries["B"].relay_addr == "/ip4/9.9.9.9/tcp/1"

@@ -158,6 +158,18 @@ class ReservationBook:
         entry.next_at = now + delay
         return entry.next_at
 
+    def track(self, candidates: list[tuple[str, str | None]], max_relays: int, now: float) -> None:
+        """Track candidate relays, in order, until `max_relays` of them are reserved or being
+        reserved. A failed relay stays tracked (its backoff runs on) but does not count, so the
+        next candidate is tried meanwhile; tracked relays get their latest address."""
+        for relay, addr in candidates:
+            if relay in self.entries:
+                self.want(relay, addr, now)
+                continue
+            working = sum(1 for e in self.entries.values() if e.state != "failed")
+            if working < max_relays:
+                self.want(relay, addr, now)
+
     def active(self, now: float) -> list[Reservation]:
         return [e for e in self.entries.values() if e.state == "active" and now < e.expires_at]
 

@@ -239,33 +239,43 @@ class NatService:
         return self.tracker.status == PRIVATE or (bool(self.config.relays) and self.tracker.status != PUBLIC)
 
     def _candidate_relays(self) -> list[tuple[str, str]]:
-        """(relay peer id, relay address) pairs, configured relays and bootstrap peers first."""
-        result: list[tuple[str, str]] = []
+        """(relay peer id, relay address) pairs: configured relays, then bootstrap peers and other
+        peers we dialed that announce the relay (HOP) protocol, then bootstrap peers that do not
+        (yet: a relay in "auto" mode starts serving once it finds itself public)."""
+        store = self.host.get_peerstore()
+
+        def offers_relay(peer: str) -> bool:
+            try:
+                return HOP_PROTOCOL in store.get_protocols(PeerID.from_base58(peer))
+            except Exception:  # identify has not told us yet
+                return False
+
+        configured: list[tuple[str, str]] = []
         for addr in self.relay_candidates:
             try:
                 info = info_from_p2p_addr(addr)
             except Exception:  # noqa: S112 - validated at config time; skip anything odd
                 continue
-            base = str(addr).split("/p2p/")[0]
-            result.append((str(info.peer_id), base))
-        store = self.host.get_peerstore()
-        for peer in self.mesh.peers():
-            if is_circuit(peer.address) or any(r == peer.peer_id for r, _ in result):
-                continue
-            try:
-                protocols = store.get_protocols(PeerID.from_base58(peer.peer_id))
-            except Exception:  # noqa: S112 - identify has not told us yet
-                continue
-            if HOP_PROTOCOL in protocols and peer.direction == "outbound":
-                result.append((peer.peer_id, peer.address.split("/p2p/")[0]))
-        return [r for r in result if r[0] != self.own_id]
+            configured.append((str(info.peer_id), str(addr).split("/p2p/")[0]))
+        explicit = configured[: len(self.config.relays)]
+        bootstrap = configured[len(self.config.relays):]
+        others = [
+            (p.peer_id, p.address.split("/p2p/")[0])
+            for p in self.mesh.peers()
+            if not is_circuit(p.address) and p.direction == "outbound" and offers_relay(p.peer_id)
+        ]
+        ordered = explicit + [b for b in bootstrap if offers_relay(b[0])] + others + bootstrap
+        result: list[tuple[str, str]] = []
+        for relay, addr in ordered:
+            if relay != self.own_id and all(relay != r for r, _ in result):
+                result.append((relay, addr))
+        return result
 
     async def _reservation_loop(self) -> None:
         while True:
             now = time.time()
             if self._want_relays():
-                for relay, addr in self._candidate_relays()[: self.config.max_relays]:
-                    self.book.want(relay, addr, now)
+                self.book.track(self._candidate_relays(), self.config.max_relays, now)
             else:
                 for relay in list(self.book.entries):
                     self.book.drop(relay)
@@ -308,8 +318,12 @@ class NatService:
         except Exception as exc:
             reason = failure_reason(exc) if not isinstance(exc, trio.TooSlowError) else "no answer in time"
             retry_at = self.book.failed(relay, reason, time.time())
-            log.warning(
-                'event=reservation_failed relay=%s reason="%s" retry_in_s=%.1f', relay, reason, retry_at - time.time()
+            # Warn on the first failure and now and then, not on every retry.
+            failures = self.book.entries[relay].failures
+            log.log(
+                logging.WARNING if failures % 10 == 1 else logging.DEBUG,
+                'event=reservation_failed relay=%s reason="%s" attempts=%d retry_in_s=%.1f',
+                relay, reason, failures, retry_at - time.time(),
             )
         finally:
             if stream is not None:
