@@ -202,3 +202,29 @@ async def test_dht_mode_follows_reachability(tmp_path: Path) -> None:
         daemon.nat.tracker.decide(0)
         daemon._nat_changed()
         assert not daemon.discovery.server
+
+
+async def test_relay_cuts_a_circuit_at_its_duration_limit() -> None:
+    async with nat_node(relay_service="on", reachability="public", hole_punch="off",
+                        limits=limits(max_circuit_duration_s=2)) as relay:
+        private = dict(reachability="private", hole_punch="off")
+        async with nat_node([relay.addr()], **private) as a, nat_node([relay.addr()], **private) as b:
+            await wait_for(lambda: a.nat.circuit_addrs(), timeout_s=20)
+            peer_a = PeerID.from_base58(a.peer_id)
+            await b.nat.connect_relayed(peer_a, a.nat.circuit_addrs())
+            assert (await measure_echo(b.rpc, peer_a, 1024, 2))["mismatches"] == 0
+            # The mesh pings every 0.5 s, so traffic crosses the relay after the 2 s cap and it resets the circuit.
+            await wait_for(lambda: not b.host.get_network().get_connections(peer_a), timeout_s=30)
+
+
+async def test_relay_service_follows_reachability_in_auto_mode() -> None:
+    async with nat_node(relay_service="auto", reachability="public") as public, \
+            nat_node(relay_service="auto", reachability="private") as private, \
+            nat_node(relay_service="off", reachability="public") as off:
+        assert public.nat.relay_serving and not private.nat.relay_serving and not off.nat.relay_serving
+        public.nat.tracker.forced = None
+        public.nat.tracker.votes.clear()
+        for server in ("s1", "s2", "s3"):
+            public.nat.tracker.record(server, "error", 0)
+        public.nat._apply_relay_service()
+        assert not public.nat.relay_serving  # found private: stops serving
