@@ -74,12 +74,13 @@ def ready(daemon: Daemon) -> bool:
 async def mesh(stack: AsyncExitStack, base: Path, models: list[str], cache_dir: Path | None = None) -> list[Daemon]:
     daemons: list[Daemon] = []
     for i, model in enumerate(models):
-        daemons.append(await stack.enter_async_context(
-            node(base, f"n{i}", [addr(d) for d in daemons], model, cache_dir)
-        ))
-    for d in daemons:
+        d = await stack.enter_async_context(node(base, f"n{i}", [addr(d) for d in daemons], model, cache_dir))
+        daemons.append(d)
+        # One load at a time: two SmolLM2 loads at once in one process fail in transformers ("meta tensor").
         if d.inference is not None:
-            await until(lambda d=d: ready(d), 600)
+            await until(lambda d=d: d.inference.status().get("state") in ("ready", "down"), 600)
+            if not ready(d):
+                raise SystemExit(f"engine down: {d.inference.status().get('reason')}")
     for d in daemons:
         others = [o.peer_id for o in daemons if o is not d and o.inference is not None]
         await until(lambda d=d, others=others: all(

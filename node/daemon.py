@@ -195,7 +195,7 @@ class Daemon:
         engine_queue = parts["load"].queue_length if "load" in parts else 0
         admission = self.collab.admission
         parts["load"] = Load(queue_length=engine_queue + admission.queue_length,
-                             admitted_rate=admission.admitted_jobs.rate(trio.current_time()))
+                             admitted_rate=admission.admitted_rate(trio.current_time()))
         parts["skills"] = tuple(sorted(self.collab.settings.skills.items()))
         return CapabilityProfile(
             device=Device(device.backend, device.gpu_name, _total_memory(), device.gpu_memory_bytes),

@@ -60,9 +60,22 @@ def test_round_plan_lowers_k_first_then_m_then_refuses():
 
 
 def test_slowest_peer_sets_alpha_for_mixed_hardware():
-    controller = _controller(0.01, window_s=1.0)
-    plan = controller.plan_round(0.0, 2, 1, alpha_s=0.2)  # 4 jobs * 1/s * 0.2 = 0.8: not under the bound
+    controller = _controller(0.01, window_s=10.0)
+    for _ in range(9):
+        controller.started_rounds.add(0.0)
+    plan = controller.plan_round(0.0, 2, 1)  # own alpha: 0.01 * 4 jobs * 1 round/s
+    assert isinstance(plan, RoundPlan) and plan.k == 2
+    plan = controller.plan_round(0.0, 2, 1, alpha_s=0.2)  # 0.2 * 4 * 1.1/s >= 0.8; K=1: 0.2 * 3 * 1.1 = 0.66
     assert isinstance(plan, RoundPlan) and plan.k == 1
+
+
+def test_slow_jobs_stretch_the_window():
+    # A 25 s job measured over a 2 s window would read as rho 12 and refuse everything after it.
+    controller = _controller(25.0, window_s=2.0)
+    assert controller.admit_job(0.0) is None
+    controller.job_done(25.0)
+    assert controller.admit_job(25.0) is None
+    assert controller.window_for(25.0) == pytest.approx(5 * 25.0 / 0.8)
 
 
 def test_job_admission_refuses_at_the_bound_and_when_the_queue_is_full():
@@ -113,17 +126,18 @@ def test_admitted_load_stays_under_the_bound_and_the_queue_bounded(alpha, gaps, 
         if controller.admit_job(now) is None:
             running.append(max(running[-1] if running else now, now) + alpha)
         assert controller.queue_length <= max_queue
-        assert alpha * controller.admitted_jobs.count(now) / controller.window_s < bound + 1e-9
+        window = controller.window_for(controller.alpha_s)
+        assert alpha * controller.admitted_jobs.count(now, window) / window < bound + 1e-9
 
 
 @given(times=st.lists(st.floats(0, 100), max_size=50), allowed=st.integers(0, 50))
 def test_rate_window_wait_until_at_most(times, allowed):
-    window = RateWindow(10.0)
+    window = RateWindow()
     for t in sorted(times):
         window.add(t)
     now = max(times, default=0.0)
-    wait = window.wait_until_at_most(now, allowed)
-    assert window.count(now + wait + 1e-9) <= allowed
+    wait = window.wait_until_at_most(now, 10.0, allowed)
+    assert window.count(now + wait + 1e-9, 10.0) <= allowed
 
 
 # -- mixture of agents ---------------------------------------------------------------------------

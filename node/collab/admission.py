@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 
 DEFAULT_BOUND = 0.8
 DEFAULT_WINDOW_S = 2.0
+# A rate measured over a window shorter than a few service times says nothing (one 25 s job in a 2 s window
+# reads as rho 12): the window stretches to hold at least this many jobs at the bound.
+JOBS_PER_WINDOW = 5
+MAX_WINDOW_S = 600.0
+MAX_EVENTS = 100_000
 DEFAULT_MAX_QUEUE = 8
 MIN_RETRY_AFTER_S = 0.05
 
@@ -40,33 +45,39 @@ def utilisation(alpha_s: float, k: int, m: int, prompt_rate: float) -> float:
 
 @dataclass
 class RateWindow:
-    """Event times in a sliding window; rate = events / window length."""
+    """Event times over a horizon; counts and rates over any window up to it."""
 
-    window_s: float = DEFAULT_WINDOW_S
-    times: deque[float] = field(default_factory=deque)
+    horizon_s: float = MAX_WINDOW_S
+    times: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
 
     def expire(self, now: float) -> None:
-        while self.times and self.times[0] <= now - self.window_s:
+        while self.times and self.times[0] <= now - self.horizon_s:
             self.times.popleft()
 
-    def count(self, now: float) -> int:
+    def count(self, now: float, window_s: float) -> int:
         self.expire(now)
-        return len(self.times)
+        n = 0
+        for t in reversed(self.times):  # newest first: stops at the window's edge
+            if t <= now - window_s:
+                break
+            n += 1
+        return n
 
-    def rate(self, now: float) -> float:
-        return self.count(now) / self.window_s
+    def rate(self, now: float, window_s: float) -> float:
+        return self.count(now, window_s) / window_s
 
     def add(self, now: float) -> None:
         self.expire(now)
         self.times.append(now)
 
-    def wait_until_at_most(self, now: float, allowed: int) -> float:
+    def wait_until_at_most(self, now: float, window_s: float, allowed: int) -> float:
         """Seconds until no more than `allowed` events remain in the window (0 if already so)."""
-        self.expire(now)
-        excess = len(self.times) - max(allowed, 0)
+        n = self.count(now, window_s)
+        excess = n - max(allowed, 0)
         if excess <= 0:
             return 0.0
-        return max(self.times[excess - 1] + self.window_s - now, 0.0)
+        oldest_in_window = len(self.times) - n
+        return max(self.times[oldest_in_window + excess - 1] + window_s - now, 0.0)
 
 
 @dataclass
@@ -110,8 +121,8 @@ class AdmissionController:
     window_s: float = DEFAULT_WINDOW_S
     enabled: bool = True
     service: ServiceTime = field(default_factory=ServiceTime)
-    admitted_jobs: RateWindow = field(init=False)
-    started_rounds: RateWindow = field(init=False)
+    admitted_jobs: RateWindow = field(default_factory=RateWindow)
+    started_rounds: RateWindow = field(default_factory=RateWindow)
     queue_length: int = 0  # admitted jobs waiting or running
     max_queue_seen: int = 0
     admitted_total: int = 0
@@ -124,8 +135,10 @@ class AdmissionController:
             raise ValueError("the admission bound must be in (0, 1]")
         if self.max_queue < 1 or self.concurrency < 1 or self.window_s <= 0:
             raise ValueError("max_queue and concurrency must be at least 1 and the window positive")
-        self.admitted_jobs = RateWindow(self.window_s)
-        self.started_rounds = RateWindow(self.window_s)
+
+    def window_for(self, busy_s: float) -> float:
+        """The measuring window for work that keeps the node busy `busy_s` per event."""
+        return min(MAX_WINDOW_S, max(self.window_s, JOBS_PER_WINDOW * busy_s / self.bound))
 
     @property
     def alpha_s(self) -> float:
@@ -155,10 +168,11 @@ class AdmissionController:
             wait = max(alpha * (self.queue_length - self.max_queue + 1), MIN_RETRY_AFTER_S)
             return Overloaded(wait, f"queue full ({self.queue_length} of {self.max_queue})")
         if alpha > 0:
-            rho = alpha * (self.admitted_jobs.count(now) + 1) / self.window_s
+            window = self.window_for(alpha)
+            rho = alpha * (self.admitted_jobs.count(now, window) + 1) / window
             if rho >= self.bound:
-                allowed = math.ceil(self.bound * self.window_s / alpha) - 2  # leave room for this job
-                wait = max(self.admitted_jobs.wait_until_at_most(now, allowed), MIN_RETRY_AFTER_S)
+                allowed = math.ceil(self.bound * window / alpha) - 2  # leave room for this job
+                wait = max(self.admitted_jobs.wait_until_at_most(now, window, allowed), MIN_RETRY_AFTER_S)
                 return Overloaded(wait, f"utilisation {rho:.2f} would reach the bound {self.bound}")
         return None
 
@@ -176,7 +190,8 @@ class AdmissionController:
         if k < 1 or m < 1:
             raise ValueError("K and M must be at least 1")
         alpha = max(self.alpha_s, alpha_s or 0.0)
-        rate = (self.started_rounds.count(now) + 1) / self.window_s
+        window = self.window_for(alpha * jobs_per_prompt(1, 1))
+        rate = (self.started_rounds.count(now, window) + 1) / window
         if not self.enabled or alpha <= 0:
             self.started_rounds.add(now)
             return RoundPlan(k, m, utilisation(alpha, k, m, rate), degraded=False)
@@ -190,9 +205,12 @@ class AdmissionController:
                 return RoundPlan(kk, mm, rho, degraded)
         self.rounds_rejected += 1
         # Wait until the smallest round fits: rounds in window < bound * W / (alpha * jobs(1,1)) - 1.
-        allowed = math.ceil(self.bound * self.window_s / (alpha * jobs_per_prompt(1, 1))) - 2
-        wait = max(self.started_rounds.wait_until_at_most(now, allowed), MIN_RETRY_AFTER_S)
+        allowed = math.ceil(self.bound * window / (alpha * jobs_per_prompt(1, 1))) - 2
+        wait = max(self.started_rounds.wait_until_at_most(now, window, allowed), MIN_RETRY_AFTER_S)
         return Overloaded(wait, f"utilisation {utilisation(alpha, 1, 1, rate):.2f} at K=M=1 reaches {self.bound}")
+
+    def admitted_rate(self, now: float) -> float:
+        return self.admitted_jobs.rate(now, self.window_for(self.alpha_s))
 
     def stats(self, now: float) -> dict[str, float | int | bool | None]:
         return {
@@ -202,10 +220,10 @@ class AdmissionController:
             "queue_capacity": self.max_queue,
             "max_queue_seen": self.max_queue_seen,
             "admitted": self.admitted_total,
-            "admitted_rate": self.admitted_jobs.rate(now),
+            "admitted_rate": self.admitted_rate(now),
             "rejected": self.rejected_total,
             "rounds_degraded": self.rounds_degraded,
             "rounds_rejected": self.rounds_rejected,
             "mean_service_time_s": self.service.mean_s,
-            "utilisation": self.alpha_s * self.admitted_jobs.rate(now),
+            "utilisation": self.alpha_s * self.admitted_rate(now),
         }

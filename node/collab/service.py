@@ -480,7 +480,7 @@ class _CollabCollector(Collector):
         yield GaugeMetricFamily("knexa_collab_queue_length", "Collaborative jobs admitted, waiting or running",
                                 a.queue_length)
         yield GaugeMetricFamily("knexa_collab_admitted_rate", "Collaborative jobs admitted per second (window)",
-                                a.admitted_jobs.rate(now) if now else 0.0)
+                                a.admitted_rate(now) if now else 0.0)
         yield CounterMetricFamily("knexa_collab_admitted", "Collaborative jobs admitted", a.admitted_total)
         yield CounterMetricFamily("knexa_collab_rejected", "Collaborative jobs refused as overloaded", a.rejected_total)
         yield CounterMetricFamily("knexa_collab_rounds_degraded", "Rounds run with a lower K or M", a.rounds_degraded)
