@@ -181,10 +181,12 @@ def id_(
     try:
         node = ApiClient(cfg, api, token).get("/v1/node")
         running, listen, observed = True, node["listen_addrs"], node["observed_addrs"]
+        relayed = (node.get("nat") or {}).get("relay_addrs", [])
     except ApiError:
-        running, listen, observed = False, cfg.listen, []
+        running, listen, observed, relayed = False, cfg.listen, [], []
     if json_:
-        _print_json({"peer_id": peer_id, "running": running, "listen_addrs": listen, "observed_addrs": observed})
+        _print_json({"peer_id": peer_id, "running": running, "listen_addrs": listen, "observed_addrs": observed,
+                     "relay_addrs": relayed})
         return
     console.print(peer_id, highlight=False)
     note = "" if running else " (configured; the daemon is not running)"
@@ -195,6 +197,10 @@ def id_(
         console.print("observed:" if observed else "observed: none yet", highlight=False)
         for addr in observed:
             console.print(f"  {addr}", highlight=False)
+        if relayed:
+            console.print("through relays (from behind a NAT):", highlight=False)
+            for addr in relayed:
+                console.print(f"  {addr}", highlight=False)
 
 
 @app.command()

@@ -425,7 +425,8 @@ class NatService:
         elapsed = time.perf_counter() - started
         retry_at = self.punches.result(peer, ok, time.time())
         self.punch_log.append({"peer": peer, "ok": ok, "seconds": round(elapsed, 3), "at": time.time(),
-                               "reason": reason})
+                               "reason": reason,
+                               "retry_in_s": None if retry_at is None else round(retry_at - time.time(), 1)})
         if ok:
             log.info("event=hole_punched peer=%s seconds=%.3f", peer, elapsed)
         else:

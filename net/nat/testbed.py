@@ -273,8 +273,10 @@ def scenario_b(bed: Testbed) -> dict[str, Any]:
         h1.info()["nat"]["hole_punches"] + h2.info()["nat"]["hole_punches"]), 60)
     punches = h1.info()["nat"]["hole_punches"] + h2.info()["nat"]["hole_punches"]
     now_kind = (h1.peer(h2.peer_id) or {}).get("kind")
+    retry = next((p["retry_in_s"] for p in punches if p.get("retry_in_s") is not None), None)
     bed.out(f"hole punch through the port-randomizing NAT: {len(punches)} attempt(s), "
-            f"{sum(p['ok'] for p in punches)} succeeded; connection now {now_kind}")
+            f"{sum(p['ok'] for p in punches)} succeeded ({punches[0]['seconds']:.1f}s, {punches[0]['reason']}); "
+            f"connection now {now_kind}" + (f"; next attempt in {retry:.0f}s" if retry is not None else ""))
     if now_kind not in ("relayed", "hole-punched"):
         raise ScenarioFailed(f"the nodes lost each other (kind {now_kind})")
     after = _echo(h1, h2.peer_id, 1024, 20)
