@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from knexa.dht import DhtKeyError, DiscoveryError
 from knexa.net.version import KNEXA_VERSION
 from knexa.node.collab.api import add_collab_routes
+from knexa.node.kvshare.api import add_kv_routes
 from knexa.node.ledger_api import add_ledger_routes
 from knexa.node.nat_api import add_nat_routes
 from knexa.node.openai_api import add_adapter_routes, add_openai_routes
@@ -180,6 +181,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     add_openai_routes(router, daemon)
     add_adapter_routes(router, daemon)
     add_collab_routes(router, daemon)
+    add_kv_routes(router, daemon)
     add_nat_routes(router, daemon)
     add_ledger_routes(router, daemon)
     app.include_router(router)

@@ -47,6 +47,7 @@ from knexa.node.paths import LOCK_FILE, STATE_FILE, TOKEN_FILE
 
 if TYPE_CHECKING:
     from knexa.node.inference import InferenceService
+    from knexa.node.kvshare.exchange import KvExchange
     from knexa.node.kvshare.service import KvShareService
 
 log = logging.getLogger("knexa.daemon")
@@ -160,6 +161,7 @@ class Daemon:
         self.ledger_service: LedgerService | None = None
         self.inference: InferenceService | None = None
         self.kvshare: KvShareService | None = None  # prefix-cache sharing, on nodes that run a model
+        self.kvexchange: KvExchange | None = None  # fused caches and text hints between different models
         if config.model != "none":
             # torch and transformers take seconds to import: only for nodes that run a model.
             from knexa.node.engine import EngineConfig
@@ -175,6 +177,9 @@ class Daemon:
             from knexa.node.kvshare.service import KvShareService
 
             self.kvshare = KvShareService(self.rpc, self.discovery, self.inference.require_engine)
+            from knexa.node.kvshare.exchange import KvExchange
+
+            self.kvexchange = KvExchange(self.rpc, self.inference.require_engine, config.cache_dir / "fusers")
         self.collab = CollabService(
             self.rpc, self.peer_id, self.inference, lambda: self.ledger, self._publish_report,
             lambda: [p.peer_id for p in self.mesh.peers()],

@@ -64,12 +64,11 @@ class PrefixRefused(Exception):
     """A fetched prefix cache is not what was asked for (another model, other tokens, malformed)."""
 
 
-async def fetch_prefix(
-    rpc: RpcService, peer: PeerID, call: PrefixCall, *, timeout_s: float, max_bytes: int
+async def _receive_cache(
+    rpc: RpcService, peer: PeerID, method: str, call: BaseModel, timeout_s: float, max_bytes: int
 ) -> Cache:
-    """`peer`'s cache of `call.token_ids`; RpcError (transport, integrity hash, size) or PrefixRefused when the
-    cache's metadata does not name the model and tokens asked for. The engine checks shapes and dtypes on import."""
-    async with rpc.server_stream(peer, METHOD_PREFIX, call, timeout=timeout_s) as responses:
+    """A cache streamed back by `method`: tensors and the metadata that rode along as a byte tensor."""
+    async with rpc.server_stream(peer, method, call, timeout=timeout_s) as responses:
         tensors = await receive_tensors(responses, max_total=max_bytes, framework="torch")
     raw = tensors.pop(META_TENSOR, None)
     if raw is None:
@@ -80,8 +79,50 @@ async def fetch_prefix(
         raise PrefixRefused(f"bad metadata: {exc}") from None
     if not isinstance(meta, dict):
         raise PrefixRefused("metadata is not a map")
+    return tensors, meta
+
+
+async def fetch_prefix(
+    rpc: RpcService, peer: PeerID, call: PrefixCall, *, timeout_s: float, max_bytes: int
+) -> Cache:
+    """`peer`'s cache of `call.token_ids`; RpcError (transport, integrity hash, size) or PrefixRefused when the
+    cache's metadata does not name the model and tokens asked for. The engine checks shapes and dtypes on import."""
+    tensors, meta = await _receive_cache(rpc, peer, METHOD_PREFIX, call, timeout_s, max_bytes)
     if cache_model_id(meta) != call.model_id:
         raise PrefixRefused(f"cache is for model {cache_model_id(meta)[:24]}, asked for {call.model_id[:24]}")
     if meta.get("token_ids") != call.token_ids:
         raise PrefixRefused("cache covers other tokens than asked for")
+    return tensors, meta
+
+
+# -- between different models ------------------------------------------------------------------------------
+METHOD_SHARE = "kv.share"  # the sharer's KV cache of a text, with its tokens' character offsets (for fusion)
+METHOD_HINT = "kv.hint"  # the sharer's short text answer, for pairs without a fuser
+MAX_SHARE_CHARS = 64_000
+
+
+class ShareCall(BaseModel):
+    """Only text crosses between models of different tokenizers; in private mode it is the rephrased query."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_SHARE_CHARS)
+
+
+class HintCall(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_SHARE_CHARS)
+    max_new_tokens: int = Field(48, ge=1, le=256)
+
+
+class HintReply(BaseModel):
+    hint: str
+    model: str
+
+
+async def fetch_share(rpc: RpcService, peer: PeerID, call: ShareCall, *, timeout_s: float, max_bytes: int) -> Cache:
+    """`peer`'s KV cache of `call.prompt` and its metadata (with `offsets`: one [start, end) per token)."""
+    tensors, meta = await _receive_cache(rpc, peer, METHOD_SHARE, call, timeout_s, max_bytes)
+    offsets, token_ids = meta.get("offsets"), meta.get("token_ids")
+    if not isinstance(offsets, list) or not isinstance(token_ids, list) or len(offsets) != len(token_ids):
+        raise PrefixRefused("shared cache metadata needs token_ids and one offset pair per token")
+    if not all(isinstance(o, list | tuple) and len(o) == 2 and all(isinstance(x, int) for x in o) for o in offsets):
+        raise PrefixRefused("offsets must be [start, end] integer pairs")
     return tensors, meta
