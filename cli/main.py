@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from knexa.cli.kv import fuser_app
 from knexa.net.identity import IdentityError, load_or_create_identity, peer_id_of
 from knexa.net.version import KNEXA_VERSION
 
@@ -261,8 +262,11 @@ def ask(
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     adapter: Annotated[str | None, typer.Option(help="A loaded LoRA adapter id.")] = None,
     collab: Annotated[
-        str | None, typer.Option(help="Collaborate across the mesh: moa (mixture of agents) or vote.")
+        str | None, typer.Option(help="Collaborate across the mesh: moa (mixture of agents), vote or kv (KV caches).")
     ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="kv: rephrase first; only the rephrasing leaves this node.")
+    ] = False,
     agents: Annotated[int, typer.Option("-k", "--agents", min=1, max=16, help="moa: peers asked per layer.")] = 2,
     layers: Annotated[int, typer.Option("-M", "--layers", min=1, max=8, help="moa: proposer layers.")] = 1,
     require: Annotated[
@@ -284,6 +288,11 @@ def ask(
         "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "adapter": adapter, "peer": peer
     }
     client = _client(data_dir, config, api, token)
+    if collab == "kv":
+        from knexa.cli.kv import ask_kv
+
+        ask_kv(client, prompt, max_tokens, private, json_)
+        return
     if collab is not None:
         _ask_collab(client, collab, messages, agents, layers, require, executors, max_tokens, temperature, json_)
         return
@@ -332,6 +341,8 @@ def _ask_collab(
         sys.stderr.write(f"(weighted vote: {result['answer']!r} with {result['totals'][result['answer']]:.2f} of "
                          f"{sum(result['totals'].values()):.2f}; executors: {who}; {result['elapsed_s']:.1f}s)\n")
 
+
+app.add_typer(fuser_app, name="fuser")
 
 find_app = typer.Typer(help="Find models and peers through the DHT.", no_args_is_help=True)
 app.add_typer(find_app, name="find")

@@ -5,10 +5,12 @@ held-out loss against the untrained fuser, and a save/load round trip."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from knexa.node.engine.identity import weights_sha256
 from knexa.node.kvshare.fuser import (
     CacheFuser,
     FuserError,
@@ -19,7 +21,7 @@ from knexa.node.kvshare.fuser import (
     save_fuser,
 )
 from knexa.node.kvshare.fuser_train import Side, evaluate, fused_loss, train_fuser
-from tests.engine_helpers import CORPUS, build_tokenizer
+from tests.engine_helpers import CORPUS, build_tiny_model, build_tokenizer
 
 WORDS = " ".join(CORPUS[:5]).replace(".", " .").replace("?", " ?").split()
 
@@ -127,3 +129,28 @@ def test_training_lowers_held_out_loss_and_survives_a_round_trip(pair, tmp_path)
     description.write_text('{"format": "other"}')
     with pytest.raises(FuserError):
         load_fuser(tmp_path / "fusers", "gpt2-to-llama")
+
+
+def test_fuser_train_command_trains_and_saves_a_fuser_the_node_can_load(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from knexa.cli.main import app
+    from tests.test_kvcollab import build_sharer
+
+    receiver = build_tiny_model(tmp_path / "receiver")
+    sharer = build_sharer(tmp_path / "sharer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(texts(5, 24)))
+    out = tmp_path / "fusers"
+    result = CliRunner().invoke(app, [
+        "fuser", "train", "--receiver", str(receiver), "--sharer", sharer, "--corpus", str(corpus),
+        "--steps", "6", "--hidden", "16", "--out", str(out), "--name", "pair", "--device", "cpu",
+        "--data-dir", str(tmp_path / "node"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "fuser pair: 6 steps on cpu" in result.output and "held-out" in result.output
+    fuser = load_fuser(out, "pair")
+    assert fuser.spec.receiver_model == weights_sha256(receiver) and fuser.spec.sharer_model == weights_sha256(
+        Path(sharer))
+    missing = CliRunner().invoke(app, ["fuser", "train", "--sharer", sharer, "--corpus", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no corpus file" in missing.output
