@@ -69,7 +69,8 @@ async def start(data_dir: Path, bootstrap: list[str], client: httpx.AsyncClient)
     with trio.fail_after(60):
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"node exited with {process.returncode}; see {log_path}")
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"node exited with {process.returncode}: {' | '.join(tail)}")
             try:
                 health = (await client.get(f"{api}/v1/health")).json()
                 break
