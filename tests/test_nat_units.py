@@ -214,3 +214,13 @@ def test_a_failing_relay_keeps_its_backoff_while_the_next_candidate_is_tried() -
     assert list(book.entries) == ["A", "B"]  # one working reservation is enough
     book.track([("B", "/ip4/9.9.9.9/tcp/1")], max_relays=1, now=3)
     assert book.entries["B"].relay_addr == "/ip4/9.9.9.9/tcp/1"
+
+
+def test_testbed_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import knexa.net.nat.netns as netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert "needs root" in (netns.unavailable_reason() or "")
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "iptables" else "/sbin/ip")
+    assert "`iptables` is not installed" in (netns.unavailable_reason() or "")

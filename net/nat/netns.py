@@ -49,12 +49,30 @@ def unavailable_reason() -> str | None:
     except TestbedError as exc:
         return f"cannot create a network namespace: {exc}"
     try:
-        _run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L", "-n"])
+        # The very rules the routers use: listing alone can work where adding them does not.
+        for rule in _nat_rules(random_fully=True):
+            _run(["ip", "netns", "exec", probe, *rule])
+        _run(["ip", "netns", "exec", probe, *_FORWARD_ON])
     except TestbedError as exc:
         return f"iptables NAT does not work in a namespace here: {exc}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
+
+
+# Without sysctl(8), which minimal systems lack.
+_FORWARD_ON = ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]
+
+
+def _nat_rules(random_fully: bool) -> list[list[str]]:
+    masquerade = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
+    if random_fully:
+        masquerade.append("--random-fully")
+    # Like a home router's firewall: unsolicited packets from the WAN are dropped silently.
+    # Without it the router's own stack answers a SYN for an unmapped port with a RST, which
+    # kills the peer's half of a TCP simultaneous open before the mapping exists.
+    drop = ["iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"]
+    return [masquerade, drop]
 
 
 def _run(cmd: Sequence[str]) -> str:
@@ -117,7 +135,7 @@ class Topology:
         pub = self.public_ns
         self._add_ns(pub)
         self.ns_exec(pub, "ip", "addr", "add", f"{PUBLIC_IP}/32", "dev", "lo")
-        self.ns_exec(pub, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns_exec(pub, *_FORWARD_ON)
         for index in (1, 2):
             home = Home(index, f"{self.prefix}-r{index}", f"{self.prefix}-h{index}", index in self.random_fully)
             self.homes.append(home)
@@ -139,16 +157,9 @@ class Topology:
             self.ns_exec(home.host_ns, "ip", "addr", "add", f"{home.host_ip}/24", "dev", "eth0")
             self.ns_exec(home.host_ns, "ip", "link", "set", "eth0", "up")
             self.ns_exec(home.host_ns, "ip", "route", "add", "default", "via", f"192.168.{index}.1")
-            self.ns_exec(home.router_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            rule = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
-            if home.random_fully:
-                rule.append("--random-fully")
-            self.ns_exec(home.router_ns, *rule)
-            # Like a home router's firewall: unsolicited packets from the WAN are dropped silently.
-            # Without it the router's own stack answers a SYN for an unmapped port with a RST, which
-            # kills the peer's half of a TCP simultaneous open before the mapping exists.
-            self.ns_exec(home.router_ns, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack",
-                         "--ctstate", "NEW,INVALID", "-j", "DROP")
+            self.ns_exec(home.router_ns, *_FORWARD_ON)
+            for rule in _nat_rules(home.random_fully):
+                self.ns_exec(home.router_ns, *rule)
 
     def teardown(self) -> None:
         """Remove every namespace this topology created (their veths and NAT rules go with them)."""
