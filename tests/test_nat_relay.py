@@ -228,3 +228,22 @@ async def test_relay_service_follows_reachability_in_auto_mode() -> None:
             public.nat.tracker.record(server, "error", 0)
         public.nat._apply_relay_service()
         assert not public.nat.relay_serving  # found private: stops serving
+
+
+async def test_autonat_dials_back_on_a_fresh_connection_and_rate_limits() -> None:
+    from knexa.net.host import dialable_addrs
+    from knexa.net.nat.policy import DIAL_ERROR, DIAL_OK, DIAL_REFUSED
+
+    async with nat_node(reachability="public", hole_punch="off") as server, \
+            nat_node([], reachability="public", hole_punch="off") as client:
+        await client.mesh.connect(multiaddr.Multiaddr(server.addr()))
+        addrs = [multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in dialable_addrs(client.host)]
+        server_id = PeerID.from_base58(server.peer_id)
+        assert await client.nat.autonat.ask(server_id, addrs) == DIAL_OK
+        assert await client.nat.autonat.ask(server_id, addrs) == DIAL_REFUSED  # again within 10 s
+        assert server.nat.autonat.served == 1 and server.nat.autonat.refused == 1
+        # A port where nothing listens, and one where another peer (the server itself) answers:
+        # the Noise handshake proves the wrong peer answered. Neither is a false "public".
+        for wrong in ("/ip4/127.0.0.1/tcp/9", server.addr().split("/p2p/")[0]):
+            server.nat.autonat._last_request.clear()
+            assert await client.nat.autonat.ask(server_id, [multiaddr.Multiaddr(wrong)]) == DIAL_ERROR

@@ -29,6 +29,10 @@ PROTOCOL_ID = "/knexa/autonat/1.0.0"
 MAX_MESSAGE = 8 * 1024
 MAX_DIALS = 4
 DIAL_TIMEOUT_S = 5.0
+# Dial-backs cost this node sockets and handshakes on a peer's say-so: at most this many at
+# once, and one request per peer per interval (a client asks every few minutes at most).
+MAX_CONCURRENT_DIALBACKS = 8
+PER_PEER_INTERVAL_S = 10.0
 log = logging.getLogger("knexa.nat.autonat")
 
 
@@ -67,6 +71,9 @@ class AutoNat:
     def __init__(self, host: IHost) -> None:
         self.host = host
         self.served = 0
+        self.refused = 0
+        self._slots = trio.Semaphore(MAX_CONCURRENT_DIALBACKS)
+        self._last_request: dict[PeerID, float] = {}
 
     def install(self) -> None:
         self.host.set_stream_handler(PROTOCOL_ID, self._handle)
@@ -119,12 +126,24 @@ class AutoNat:
             response.dialResponse.status = Message.E_DIAL_REFUSED
             response.dialResponse.statusText = "no TCP address to dial"
             return response
+        now = trio.current_time()
+        last = self._last_request.get(peer)
+        if (last is not None and now - last < PER_PEER_INTERVAL_S) or self._slots.value == 0:
+            self.refused += 1
+            response.dialResponse.status = Message.E_DIAL_REFUSED
+            response.dialResponse.statusText = "too many dial-back requests; ask again later"
+            return response
+        self._last_request[peer] = now
+        if len(self._last_request) > 4096:  # forget the oldest: the map must not grow without bound
+            for old in sorted(self._last_request, key=self._last_request.__getitem__)[:2048]:
+                del self._last_request[old]
         self.served += 1
-        for addr in candidates:
-            if await self._dial_fresh(addr, peer):
-                response.dialResponse.status = Message.OK
-                response.dialResponse.addr = addr.to_bytes()
-                return response
+        async with self._slots:
+            for addr in candidates:
+                if await self._dial_fresh(addr, peer):
+                    response.dialResponse.status = Message.OK
+                    response.dialResponse.addr = addr.to_bytes()
+                    return response
         response.dialResponse.status = Message.E_DIAL_ERROR
         response.dialResponse.statusText = "dial-back failed"
         return response
