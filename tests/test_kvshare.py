@@ -133,3 +133,18 @@ async def test_measured_rates_choose_local_compute_over_a_slow_fetch(tmp_path, t
         assert outcome.path == PATH_LOCAL and "slower than computing" in outcome.reason
         assert a.kvshare.served == 0
         assert result.token_ids == await _local(b, ids)
+
+
+async def test_a_stale_announcement_falls_back_to_a_local_prefill(tmp_path, tiny_model):
+    from knexa.node.kvshare.prefix import PrefixStore
+
+    async with _pair(tmp_path, tiny_model) as (a, b):
+        params = SamplingParams(max_new_tokens=10)
+        await a.kvshare.generate(_prompt(a, "What jumps?"), params)
+        ids = _prompt(b, "Who keeps what?")
+        await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+        _force_fetch(b)
+        a.kvshare.store = PrefixStore(a.kvshare.settings.store_bytes)  # evicted, announcement not yet expired
+        result, outcome = await b.kvshare.generate(ids, params)
+        assert outcome.path == PATH_LOCAL and "UNAVAILABLE" in outcome.reason.upper(), outcome.reason
+        assert result.token_ids == await _local(b, ids)
