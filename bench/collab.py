@@ -19,8 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' ti
 SIMULATED = {0.5: 1.0, 0.8: 3.5, 0.95: 17.0, 1.1: 504.0}  # the brief's simulated mean jobs per node
 
 
-@asynccontextmanager
-async def node(base: Path, name: str, bootstrap: list[str], model: str, cache_dir: Path | None = None,
-               **collab: Any) -> AsyncIterator[Daemon]:
-    config = NodeConfig(
-        data_dir=base / name, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, api_port=0,
-        ping_interval_s=1.0, model=model, cache_dir=cache_dir or base / "cache", **collab,
-    ).validate()
-    daemon = Daemon(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        try:
-            yield daemon
-        finally:
-            nursery.cancel_scope.cancel()
+def node(base: Path, name: str, bootstrap: list[str], model: str, cache_dir: Path | None = None):
+    """A daemon on loopback in this process (the tests' helper)."""
+    from tests.conftest import running_daemon
+
+    return running_daemon(base / name, bootstrap, model=model, cache_dir=cache_dir or base / "cache")
 
 
 def addr(daemon: Daemon) -> str:
@@ -128,7 +118,8 @@ async def offer(client: Daemon, worker: Daemon, rate: float, seconds: float, tok
             queue_at_end = admission.queue_length
         outer.cancel_scope.cancel()
     return {
-        "sent": sent, "rejected": rejected, "queue_mean": statistics.fmean(samples) if samples else 0,
+        "node_alpha": admission.alpha_s, "sent": sent, "rejected": rejected,
+        "queue_mean": statistics.fmean(samples) if samples else 0,
         "queue_max": max(samples, default=0), "queue_at_end": queue_at_end,
         "p50": statistics.median(latencies) if latencies else math.nan,
         "p95": sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else math.nan,
@@ -157,7 +148,8 @@ async def bench_queue(args: argparse.Namespace) -> None:
             console.print(f"tiny model, {args.tokens} tokens per job: service time alpha = {alpha * 1000:.1f} ms "
                           f"(capacity {1 / alpha:.1f} jobs/s); {args.seconds:.0f} s of Poisson arrivals per point")
             table = Table("rho", "admission", "offered/s", "mean queue", "max queue", "queue at end",
-                          "M/M/1 rho/(1-rho)", "brief (sim.)", "rejected", "p50 latency", "p95 latency")
+                          "M/M/1 rho/(1-rho)", "brief (sim.)", "rejected", "p50 latency", "p95 latency",
+                          "node's alpha after")
             for enabled in (False, True):
                 for rho in (0.5, 0.8, 0.95, 1.1):
                     admission.enabled = enabled
@@ -168,6 +160,7 @@ async def bench_queue(args: argparse.Namespace) -> None:
                         f"{rho}", "on (0.8)" if enabled else "off", f"{rho / alpha:.1f}", f"{r['queue_mean']:.1f}",
                         str(r["queue_max"]), str(r["queue_at_end"]), theory, f"{SIMULATED[rho]:g}",
                         f"{r['rejected']}/{r['sent']}", f"{r['p50'] * 1000:.0f} ms", f"{r['p95'] * 1000:.0f} ms",
+                        f"{r['node_alpha'] * 1000:.0f} ms",
                     )
             console.print(table)
             console.print(f"stability bound: alpha*lambda < 1 (alpha*((K+1)*M+1)*lambda for MoA); admission "
@@ -191,6 +184,9 @@ async def bench_quality(args: argparse.Namespace) -> None:
         base = Path(tmp)
         async with AsyncExitStack() as stack:
             origin, *_peers = await mesh(stack, base, ["embedded"] * 3, args.cache_dir or NodeConfig().cache_dir)
+            # Quality, not admission: one origin asking back to back would be degraded by the origin's rule,
+            # which assumes every node originates prompts at its own rate.
+            origin.collab.admission.enabled = False
             for d in (origin, *_peers):
                 d.collab.settings.skills = {"math": 1.0}
                 d.collab.settings.verify = type(d.collab.settings.verify)(fraction=0.0)  # measure answers only

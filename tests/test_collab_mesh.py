@@ -152,6 +152,28 @@ async def test_moa_round_k2_m2_completes_and_survives_a_node_killed_mid_round(tm
         result = await origin.collab.ask_moa(QUESTION, 2, 1, GenerateParams(max_new_tokens=8), 3.0)
         assert (others[1].peer_id, 0, "deadline") in [(x["peer_id"], x["layer"], x["reason"]) for x in result["missed"]]
         assert set(result["contributors"]) == {origin.peer_id, others[0].peer_id} and result["text"]
+
+        # Under load the origin lowers K first, then M, then refuses with a retry-after. Its measured service
+        # time and recent rounds are set here (the pure rule's exact steps are unit-tested).
+        del others[1].collab.run_job  # not hung any more
+        admission = origin.collab.admission
+        admission.enabled = True
+        admission.service.mean_s = 0.1  # alpha; the 2 s window then holds this round and the 2 before it
+        admission.started_rounds.times.clear()
+        for _ in range(2):
+            admission.started_rounds.add(trio.current_time())
+        body = {"mode": "moa", "messages": QUESTION, "k": 2, "m": 2, "max_tokens": 4, "deadline_s": 30}
+        response = await _post(origin, "/v1/collab/ask", body)
+        assert response.status_code == 200, response.text
+        lowered = response.json()
+        assert lowered["degraded"] and (lowered["k"], lowered["m"]) < (2, 2)
+        assert lowered["m"] == 2 or lowered["k"] == 1  # M only drops once K is down to 1
+        admission.service.mean_s = 0.1
+        for _ in range(30):
+            admission.started_rounds.add(trio.current_time())
+        refused = await _post(origin, "/v1/collab/ask", body)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "overloaded" in refused.json()["detail"]
         nursery.cancel_scope.cancel()
 
 
