@@ -57,6 +57,15 @@ async def _shared_prefix_found(b, ids: list[int]) -> bool:
     return length > 0 and bool(providers)
 
 
+async def _announced(a, b) -> list[int]:
+    """A answers a question about the document (so it holds and announces its cache); B's prompt, which shares
+    the document, finds the announcement. Returns B's prompt."""
+    await a.kvshare.generate(_prompt(a, "What jumps?"), SamplingParams(max_new_tokens=10))
+    ids = _prompt(b, "Who keeps what?")
+    await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+    return ids
+
+
 async def _local(b, ids: list[int]) -> tuple[int, ...]:
     request = GenerationRequest(prompt_token_ids=ids, params=SamplingParams(max_new_tokens=10))
     return (await b.inference.require_engine().generate(request)).token_ids
@@ -70,10 +79,8 @@ def _force_fetch(daemon) -> None:
 async def test_prefix_hit_from_a_peer_gives_the_local_output(tmp_path, tiny_model):
     async with _pair(tmp_path, tiny_model) as (a, b):
         params = SamplingParams(max_new_tokens=10)
-        first, outcome_a = await a.kvshare.generate(_prompt(a, "What jumps?"), params)
-        assert outcome_a.path == PATH_LOCAL and a.kvshare.store.stats()["entries"] == 1
-        ids = _prompt(b, "Who keeps what?")
-        await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+        ids = await _announced(a, b)
+        assert a.kvshare.paths == {PATH_LOCAL: 1} and a.kvshare.store.stats()["entries"] == 1
         _force_fetch(b)
         result, outcome = await b.kvshare.generate(ids, params)
         assert outcome.path == PATH_PEER and outcome.provider == a.peer_id
@@ -109,9 +116,7 @@ def _with_corrupted_chunk(payload: dict):
 async def test_a_bad_cache_is_refused_and_the_node_prefills_locally(tmp_path, tiny_model, tamper, expected):
     async with _pair(tmp_path, tiny_model) as (a, b):
         params = SamplingParams(max_new_tokens=10)
-        await a.kvshare.generate(_prompt(a, "What jumps?"), params)
-        ids = _prompt(b, "Who keeps what?")
-        await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+        ids = await _announced(a, b)
         _force_fetch(b)
         a.kvshare.outgoing = tamper
         result, outcome = await b.kvshare.generate(ids, params)
@@ -124,10 +129,8 @@ async def test_a_bad_cache_is_refused_and_the_node_prefills_locally(tmp_path, ti
 async def test_measured_rates_choose_local_compute_over_a_slow_fetch(tmp_path, tiny_model):
     async with _pair(tmp_path, tiny_model) as (a, b):
         params = SamplingParams(max_new_tokens=10)
-        await a.kvshare.generate(_prompt(a, "What jumps?"), params)
         await b.kvshare.generate(b.kvshare.token_ids("an unrelated prompt to measure the local prefill rate"))
-        ids = _prompt(b, "Who keeps what?")
-        await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+        ids = await _announced(a, b)
         b.kvshare.fetch_rate.observe(1000, 10.0)  # as if an earlier fetch had moved 100 B/s
         result, outcome = await b.kvshare.generate(ids, params)
         assert outcome.path == PATH_LOCAL and "slower than computing" in outcome.reason
@@ -140,9 +143,7 @@ async def test_a_stale_announcement_falls_back_to_a_local_prefill(tmp_path, tiny
 
     async with _pair(tmp_path, tiny_model) as (a, b):
         params = SamplingParams(max_new_tokens=10)
-        await a.kvshare.generate(_prompt(a, "What jumps?"), params)
-        ids = _prompt(b, "Who keeps what?")
-        await wait_for(lambda: _shared_prefix_found(b, ids), 30)
+        ids = await _announced(a, b)
         _force_fetch(b)
         a.kvshare.store = PrefixStore(a.kvshare.settings.store_bytes)  # evicted, announcement not yet expired
         result, outcome = await b.kvshare.generate(ids, params)
