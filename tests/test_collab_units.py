@@ -20,7 +20,7 @@ from knexa.node.collab.vote import (
     parse_requirement,
     weighted_vote,
 )
-from knexa.node.collab.wire import BidCall, overloaded_message, retry_after_of
+from knexa.node.collab.wire import MAX_TEXT_CHARS, BidCall, ProposeReply, overloaded_message, retry_after_of
 
 # -- admission -----------------------------------------------------------------------------------
 
@@ -289,3 +289,12 @@ def test_tally_and_retry_after_codec():
     assert tally.score == 0.5
     assert retry_after_of(overloaded_message(1.25, "queue full")) == 1.25
     assert retry_after_of("nothing here") is None
+
+
+def test_peer_replies_are_bounded():
+    fields = dict(token_ids=[1], model="m", finish_reason="stop", queue_time_s=0.0, service_time_s=0.1)
+    assert ProposeReply(text="ok", **fields).text == "ok"
+    with pytest.raises(ValueError):
+        ProposeReply(text="x" * (MAX_TEXT_CHARS + 1), **fields)
+    with pytest.raises(ValueError):
+        ProposeReply(text="ok", **{**fields, "token_ids": list(range(9000))})

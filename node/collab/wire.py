@@ -19,6 +19,7 @@ METHOD_PROPOSE = "collab.propose"
 METHOD_BID = "collab.bid"
 MAX_MESSAGES = 64
 MAX_REQUIREMENT = 64
+MAX_TEXT_CHARS = 64 * 1024
 _RETRY_AFTER = re.compile(r"retry_after_s=([0-9]+(?:\.[0-9]+)?)")
 
 
@@ -30,10 +31,11 @@ class ProposeCall(BaseModel):
 
 
 class ProposeReply(BaseModel):
-    text: str
+    # Bounded: the reply comes from a peer, and its text goes into the next layer's prompt.
+    text: str = Field(max_length=MAX_TEXT_CHARS)
     token_ids: list[int] = Field(max_length=8192)
-    model: str
-    finish_reason: str
+    model: str = Field(max_length=256)
+    finish_reason: str = Field(max_length=32)
     queue_time_s: float
     service_time_s: float
 
