@@ -298,3 +298,19 @@ def test_peer_replies_are_bounded():
         ProposeReply(text="x" * (MAX_TEXT_CHARS + 1), **fields)
     with pytest.raises(ValueError):
         ProposeReply(text="ok", **{**fields, "token_ids": list(range(9000))})
+
+
+def test_collaboration_settings_in_the_config(tmp_path):
+    from knexa.node.config import ConfigError, load_config
+
+    (tmp_path / "config.toml").write_text(
+        'collab_bound = 0.7\ncollab_max_queue = 4\ncollab_admission = "off"\nverify_fraction = 1\n'
+        'skills = "math=0.9, code=0.2"\n'
+    )
+    config = load_config(data_dir=tmp_path)
+    assert (config.collab_bound, config.collab_max_queue, config.collab_admission) == (0.7, 4, "off")
+    assert config.verify_fraction == 1.0 and config.skill_vector() == {"math": 0.9, "code": 0.2}
+    for bad in ({"skills": "math=2"}, {"skills": "math"}, {"collab_bound": 1.5}, {"collab_admission": "maybe"},
+                {"verify_fraction": -0.1}, {"collab_max_queue": 0}):
+        with pytest.raises(ConfigError):
+            load_config(data_dir=tmp_path, overrides=bad)
