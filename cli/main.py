@@ -315,7 +315,7 @@ def _ask_collab(
     from knexa.node.collab.vote import parse_requirement
 
     if mode not in ("moa", "vote"):
-        fail(f"--collab must be moa or vote, not {mode!r}", 2)
+        fail(f"--collab must be moa, vote or kv, not {mode!r}", 2)
     try:
         requirement = parse_requirement(require or "")
     except ValueError as exc:

@@ -108,7 +108,7 @@ async def test_moa_round_k2_m2_completes_and_survives_a_node_killed_mid_round(tm
         assert ask.returncode == 0, ask.stderr
         assert ask.stdout.strip() and "mixture of agents K=2 M=1" in ask.stderr and "contributors" in ask.stderr
         bad = await _cli(origin, "ask", "--collab", "nope", "hello")
-        assert bad.returncode == 2 and bad.stderr.startswith("error: --collab must be moa or vote")
+        assert bad.returncode == 2 and bad.stderr.startswith("error: --collab must be moa, vote or kv")
 
         # Again; the victim dies while computing its layer-1 answer. The origin is made to pick the victim and
         # others[0] (lowest load), so others[1] is the spare that must take the victim's place.
