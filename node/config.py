@@ -45,6 +45,12 @@ class NodeConfig:
     dht_mode: str = "auto"
     # converted models are cached here, shared by every node of this user
     cache_dir: Path = field(default_factory=default_data_dir)
+    # collaboration (knexa.node.collab): admission bound on alpha*((K+1)*M+1)*lambda, queue cap, checks
+    collab_bound: float = 0.8
+    collab_max_queue: int = 8
+    collab_admission: str = "on"  # on, off (off only to show what the control prevents)
+    verify_fraction: float = 0.1  # share of peers' answers from our own model that we re-score
+    skills: str = ""  # skill vector for task beacons, "math=0.9,code=0.4", each in [0, 1]
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
     reachability: str = "auto"  # auto, public, private
     relay_service: str = "auto"  # auto (serve once public), on, off
@@ -70,12 +76,6 @@ class NodeConfig:
                 max_circuit_bytes=self.relay_max_circuit_bytes,
             ),
         )
-    # collaboration (knexa.node.collab): admission bound on alpha*((K+1)*M+1)*lambda, queue cap, checks
-    collab_bound: float = 0.8
-    collab_max_queue: int = 8
-    collab_admission: str = "on"  # on, off (off only to show what the control prevents)
-    verify_fraction: float = 0.1  # share of peers' answers from our own model that we re-score
-    skills: str = ""  # skill vector for task beacons, "math=0.9,code=0.4", each in [0, 1]
 
     def validate(self) -> NodeConfig:
         if not self.listen:
