@@ -150,6 +150,10 @@ async def main(n: int, links: int, writes: int, seed: int) -> None:
                       f"over {writes} writes (target {TARGET_S:.0f} s: {'met' if worst <= TARGET_S else 'NOT met'}); "
                       f"baseline local API round trip p50 {statistics.median(rtts) * 1000:.1f} ms", flush=True)
             finally:
+                for i, node in enumerate(nodes):
+                    if node.process.poll() is not None:
+                        tail = (Path(tmp) / f"n{i}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                        print(f"node {i} exited early ({node.process.returncode}):", *tail, sep="\n  ")
                 for node in nodes:
                     node.process.send_signal(signal.SIGTERM)
                 for node in nodes:

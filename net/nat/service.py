@@ -379,14 +379,13 @@ class NatService:
     # -- hole punching ----------------------------------------------------------
     def _relayed_only(self) -> dict[str, bool | None]:
         """Peers we reach only through a relay -> whether that relayed connection is inbound."""
+        # Runs every half second on every node: walk the swarm's own map, no peer-id parsing.
         result: dict[str, bool | None] = {}
-        network = self.host.get_network()
-        for peer in self.mesh.peers():
-            conns = network.get_connections(PeerID.from_base58(peer.peer_id))
+        for pid, conns in self.host.get_network().get_connections_map().items():
             addrs = [str(a) for c in conns for a in (c.get_transport_addresses() or [])]
             if addrs and all(is_circuit(a) for a in addrs):
                 direction = str(getattr(conns[0], "direction", "")).lower()
-                result[peer.peer_id] = True if "inbound" in direction else False if "outbound" in direction else None
+                result[str(pid)] = True if "inbound" in direction else False if "outbound" in direction else None
         return result
 
     async def _punch_loop(self) -> None:
