@@ -14,14 +14,10 @@ fuser_app = typer.Typer(help="Cache fusers between two models (cache-to-cache co
 
 def ask_kv(client: Any, prompt: str, max_tokens: int, private: bool, json_: bool) -> None:
     """POST /v1/kv/ask and print the answer, then the path it took on stderr."""
-    from knexa.cli.client import ApiError
-    from knexa.cli.main import _print_json, fail
+    from knexa.cli.main import _post, _print_json
 
-    try:
-        result = client.post("/v1/kv/ask", {"query": prompt, "max_tokens": max_tokens, "private": private},
-                             timeout_s=600.0)
-    except ApiError as exc:
-        fail(str(exc))
+    body = {"query": prompt, "max_tokens": max_tokens, "private": private}
+    result = _post(client, "/v1/kv/ask", body, timeout_s=600.0)
     if json_:
         _print_json(result)
         return

@@ -70,6 +70,15 @@ def _get(client: Any, path: str) -> Any:
         fail(str(exc))
 
 
+def _post(client: Any, path: str, body: dict[str, Any], timeout_s: float = 60.0) -> Any:
+    from knexa.cli.client import ApiError
+
+    try:
+        return client.post(path, body, timeout_s=timeout_s)
+    except ApiError as exc:
+        fail(str(exc))
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -239,13 +248,7 @@ def connect(
     data_dir: DataDir = None, config: ConfigFile = None, api: Api = None, token: Token = None, json_: Json = False,
 ) -> None:
     """Connect the running node to a peer, directly or through a relay."""
-    from knexa.cli.client import ApiError
-
-    client = _client(data_dir, config, api, token)
-    try:
-        result = client.post("/v1/connect", {"addr": addr})
-    except ApiError as exc:
-        fail(str(exc))
+    result = _post(_client(data_dir, config, api, token), "/v1/connect", {"addr": addr})
     if json_:
         _print_json(result)
         return
@@ -311,7 +314,6 @@ def _ask_collab(
     client: Any, mode: str, messages: list[dict[str, str]], k: int, m: int, require: str | None, executors: int,
     max_tokens: int, temperature: float, json_: bool,
 ) -> None:
-    from knexa.cli.client import ApiError
     from knexa.node.collab.vote import parse_requirement
 
     if mode not in ("moa", "vote"):
@@ -324,10 +326,7 @@ def _ask_collab(
         "mode": mode, "messages": messages, "k": k, "m": m, "executors": executors, "requirement": requirement,
         "max_tokens": max_tokens, "temperature": temperature,
     }
-    try:
-        result = client.post("/v1/collab/ask", body, timeout_s=600.0)
-    except ApiError as exc:
-        fail(str(exc))
+    result = _post(client, "/v1/collab/ask", body, timeout_s=600.0)
     if json_:
         _print_json(result)
         return
