@@ -246,20 +246,25 @@ async def test_a_crash_mid_batch_fails_in_flight_requests_and_the_engine_recover
         assert after.token_ids == reference.token_ids
 
 
+async def _one_running_one_queued(engine: Engine, nursery: trio.Nursery, max_new_tokens: int) -> None:
+    """Fill the engine's only batch row with a long generation and queue one more behind it."""
+    started = trio.Event()
+
+    async def long_run() -> None:
+        async with engine.stream(greedy("hello world", max_new_tokens=max_new_tokens)) as events:
+            async for _ in events:
+                started.set()
+
+    nursery.start_soon(long_run)
+    await started.wait()
+    nursery.start_soon(engine.generate, greedy("queued", max_new_tokens=2))
+    await eventually(lambda: engine.status()["queue_length"] == 1)
+
+
 async def test_a_full_queue_raises_overloaded_at_once(tiny_llama_dir: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir, max_batch=1, max_queue=1)) as engine:
-        started = trio.Event()
-
-        async def long_run() -> None:
-            async with engine.stream(greedy("hello world", max_new_tokens=120)) as events:
-                async for _ in events:
-                    started.set()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(long_run)
-            await started.wait()
-            nursery.start_soon(engine.generate, greedy("queued", max_new_tokens=2))
-            await trio.sleep(0.01)
+            await _one_running_one_queued(engine, nursery, 120)
             assert engine.status()["queue_length"] == 1
             before = trio.current_time()
             with pytest.raises(EngineOverloaded) as info:
@@ -270,18 +275,8 @@ async def test_a_full_queue_raises_overloaded_at_once(tiny_llama_dir: Path) -> N
 
 async def test_one_shot_work_passes_generations_waiting_for_a_batch_row(tiny_llama_dir: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir, max_batch=1, max_queue=4)) as engine:
-        started = trio.Event()
-
-        async def long_run() -> None:
-            async with engine.stream(greedy("hello world", max_new_tokens=240)) as events:
-                async for _ in events:
-                    started.set()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(long_run)
-            await started.wait()
-            nursery.start_soon(engine.generate, greedy("queued", max_new_tokens=2))
-            await eventually(lambda: engine.status()["queue_length"] == 1)
+            await _one_running_one_queued(engine, nursery, 240)
             scored = await engine.score("hello", "world")
             assert len(scored.logprobs) == len(scored.token_ids) > 0
             assert engine.status()["running"] == 1 and engine.status()["queue_length"] == 1
