@@ -143,6 +143,9 @@ class Ledger:
     def entries(self) -> list[Entry]:
         return list(self._state)
 
+    def entry(self, key: str) -> Entry | None:
+        return self._state.get(key)
+
     def profiles(self, now: float | None = None) -> dict[str, CapabilityProfile]:
         """Live profiles by peer id; expired, retracted or newer-schema ones are absent."""
         out: dict[str, CapabilityProfile] = {}

@@ -53,7 +53,7 @@ def add_ledger_routes(router: APIRouter, daemon: Daemon) -> None:
             raise HTTPException(503, "the ledger is not open yet")
         with trio.move_on_after(timeout_s):
             while True:
-                if any(e.key == key for e in ledger.entries()):
+                if ledger.entry(key) is not None:
                     return {"key": key, "present": True, "seen_at_ms": int(time.time() * 1000)}
                 await trio.sleep(WAIT_POLL_S)
         return {"key": key, "present": False, "seen_at_ms": None}
