@@ -1,0 +1,235 @@
+"""The matchmaker's learner: LinUCB over pair contexts, and greedy disjoint teacher/student pairing.
+
+Pure code (numpy). The state is two arrays, A (d x d) and b (d); it serialises to plain lists so that it can
+live in a signed ledger entry and any node can continue from it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from knexa.node.learn.tasks import CATEGORIES
+
+DEFAULT_LAMBDA = 0.01
+DEFAULT_BETA0 = 1.0
+MAX_DIM = 64
+
+
+@dataclass(frozen=True)
+class PairScore:
+    mean: float
+    width: float
+
+    @property
+    def ucb(self) -> float:
+        return self.mean + self.width
+
+
+class LinUCB:
+    def __init__(self, dim: int, lam: float = DEFAULT_LAMBDA, beta0: float = DEFAULT_BETA0) -> None:
+        if not 0 < dim <= MAX_DIM:
+            raise ValueError(f"dimension must be 1..{MAX_DIM}")
+        if not (lam > 0 and math.isfinite(lam)) or not (beta0 >= 0 and math.isfinite(beta0)):
+            raise ValueError("lambda must be positive and beta0 non-negative")
+        self.dim, self.lam, self.beta0 = dim, lam, beta0
+        self.A = lam * np.eye(dim)
+        self.b = np.zeros(dim)
+        self.updates = 0
+
+    def beta(self, round_no: int) -> float:
+        return self.beta0 / math.sqrt(max(1, round_no))
+
+    def theta(self) -> np.ndarray:
+        return np.linalg.solve(self.A, self.b)
+
+    def score(self, x: Sequence[float] | np.ndarray, round_no: int) -> PairScore:
+        x = self._vector(x)
+        mean = float(self.theta() @ x)
+        width = self.beta(round_no) * math.sqrt(max(0.0, float(x @ np.linalg.solve(self.A, x))))
+        return PairScore(mean, width)
+
+    def update(self, x: Sequence[float] | np.ndarray, reward: float) -> None:
+        x = self._vector(x)
+        if not math.isfinite(reward):
+            raise ValueError("reward must be finite")
+        self.A += np.outer(x, x)
+        self.b += reward * x
+        self.updates += 1
+
+    def _vector(self, x: Sequence[float] | np.ndarray) -> np.ndarray:
+        v = np.asarray(x, dtype=float)
+        if v.shape != (self.dim,) or not np.all(np.isfinite(v)):
+            raise ValueError(f"context must be {self.dim} finite numbers")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim, "lambda": self.lam, "beta0": self.beta0, "updates": self.updates,
+            "A": [float(v) for v in self.A.ravel()], "b": [float(v) for v in self.b],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> LinUCB:
+        if not isinstance(raw, Mapping):
+            raise ValueError("bandit state must be a map")
+        try:
+            dim, lam, beta0, updates = int(raw["dim"]), float(raw["lambda"]), float(raw["beta0"]), int(raw["updates"])
+            a, b = raw["A"], raw["b"]
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"bandit state: {exc}") from None
+        bandit = cls(dim, lam, beta0)
+        if not isinstance(a, list | tuple) or not isinstance(b, list | tuple) or len(a) != dim * dim or len(b) != dim:
+            raise ValueError("bandit state: A and b do not match the dimension")
+        try:
+            A = np.asarray(a, dtype=float).reshape(dim, dim)
+            B = np.asarray(b, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bandit state: {exc}") from None
+        if not (np.all(np.isfinite(A)) and np.all(np.isfinite(B))) or updates < 0:
+            raise ValueError("bandit state: values must be finite")
+        # A = lambda*I + sum x x^T is symmetric positive definite; anything else cannot come from updates.
+        if not np.allclose(A, A.T) or np.linalg.eigvalsh(A).min() <= 0:
+            raise ValueError("bandit state: A is not symmetric positive definite")
+        bandit.A, bandit.b, bandit.updates = A, B, updates
+        return bandit
+
+
+def profile_vector(
+    skills: Mapping[str, float], accuracy: float, categories: Sequence[str] = CATEGORIES
+) -> np.ndarray:
+    """What a node is, for the matchmaker: its per-category skill, its overall accuracy and a bias term."""
+    return np.array([float(skills.get(c, 0.0)) for c in categories] + [float(accuracy), 1.0])
+
+
+def node_dim(categories: Sequence[str] = CATEGORIES) -> int:
+    return len(categories) + 2
+
+
+def pair_context(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    return np.concatenate([teacher, student])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: str
+    vector: np.ndarray
+    performance: float
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    teacher: str
+    student: str
+    context: tuple[float, ...]
+    mean: float
+    width: float
+
+    @property
+    def ucb(self) -> float:
+        return self.mean + self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "student": self.student, "context": list(self.context),
+                "mean": self.mean, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> PairChoice:
+        if not isinstance(raw, Mapping):
+            raise ValueError("pair must be a map")
+        try:
+            teacher, student = raw["teacher"], raw["student"]
+            context = tuple(float(v) for v in raw["context"])
+            mean, width = float(raw["mean"]), float(raw["width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"pair: {exc}") from None
+        if not isinstance(teacher, str) or not isinstance(student, str) or not teacher or teacher == student:
+            raise ValueError("pair: teacher and student must be two different peer ids")
+        if len(context) > 2 * MAX_DIM or not all(math.isfinite(v) for v in (*context, mean, width)):
+            raise ValueError("pair: numbers must be finite")
+        return cls(teacher, student, context, mean, width)
+
+
+def oriented(a: Candidate, b: Candidate) -> tuple[Candidate, Candidate]:
+    """(teacher, student): the better performer teaches; a tie goes to the smaller peer id."""
+    if (b.performance, a.peer_id) > (a.performance, b.peer_id):
+        return b, a
+    return a, b
+
+
+def plan_pairs(candidates: Sequence[Candidate], bandit: LinUCB, round_no: int) -> list[PairChoice]:
+    """Greedy disjoint pairs by upper confidence bound, floor(N/2) of them."""
+    scored: list[PairChoice] = []
+    ordered = sorted(candidates, key=lambda c: c.peer_id)
+    for i, first in enumerate(ordered):
+        for second in ordered[i + 1 :]:
+            teacher, student = oriented(first, second)
+            x = pair_context(teacher.vector, student.vector)
+            s = bandit.score(x, round_no)
+            scored.append(PairChoice(teacher.peer_id, student.peer_id, tuple(float(v) for v in x), s.mean, s.width))
+    scored.sort(key=lambda p: (-p.ucb, p.teacher, p.student))
+    return _disjoint(scored, len(candidates) // 2)
+
+
+def random_pairs(candidates: Sequence[Candidate], rng: random.Random) -> list[PairChoice]:
+    """The baseline: disjoint pairs drawn at random, oriented the same way."""
+    pool = sorted(candidates, key=lambda c: c.peer_id)
+    rng.shuffle(pool)
+    pairs = []
+    for first, second in zip(pool[0::2], pool[1::2], strict=False):
+        teacher, student = oriented(first, second)
+        x = pair_context(teacher.vector, student.vector)
+        pairs.append(PairChoice(teacher.peer_id, student.peer_id, tuple(float(v) for v in x), 0.0, 0.0))
+    return pairs
+
+
+def _disjoint(ranked: Sequence[PairChoice], k: int) -> list[PairChoice]:
+    used: set[str] = set()
+    chosen: list[PairChoice] = []
+    for pair in ranked:
+        if len(chosen) == k:
+            break
+        if pair.teacher in used or pair.student in used:
+            continue
+        used.update((pair.teacher, pair.student))
+        chosen.append(pair)
+    return chosen
+
+
+class RewardScaler:
+    """Running mean and deviation of gains (Welford): rewards are z-scored against all gains seen so far."""
+
+    def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0) -> None:
+        self.count, self.mean, self.m2 = count, mean, m2
+
+    def z(self, gain: float) -> float:
+        if self.count < 2:
+            return max(-3.0, min(3.0, gain))
+        std = math.sqrt(self.m2 / (self.count - 1))
+        if std < 1e-9:
+            return 0.0
+        return max(-3.0, min(3.0, (gain - self.mean) / std))
+
+    def observe(self, gain: float) -> None:
+        self.count += 1
+        delta = gain - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (gain - self.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RewardScaler:
+        try:
+            scaler = cls(int(raw["count"]), float(raw["mean"]), float(raw["m2"]))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"reward scaler: {exc}") from None
+        if scaler.count < 0 or scaler.m2 < 0 or not (math.isfinite(scaler.mean) and math.isfinite(scaler.m2)):
+            raise ValueError("reward scaler: out of range")
+        return scaler

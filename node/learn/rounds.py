@@ -1,0 +1,287 @@
+"""Distillation rounds without a central matchmaker: who runs each round, the plan it publishes, and how the
+students' rewards update the shared state. Pure code.
+
+The state (bandit, reward scaler, plan, history) is one signed ledger entry written by the round's
+matchmaker; the newest one anywhere in the ledger is the current state, so whichever node runs the next
+round, or takes over a round whose matchmaker died, starts from the same place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, node_dim, plan_pairs
+
+ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
+HISTORY_ROUNDS = 20
+MAX_PAIRS = 64
+MAX_GAIN = 1.0
+
+
+def matchmaker_order(round_no: int, members: Sequence[str]) -> list[str]:
+    """Who runs round `round_no`: the first of this list; the i-th takes over after i takeover periods."""
+    ordered = sorted(set(members))
+    if not ordered:
+        return []
+    start = int.from_bytes(hashlib.sha256(str(round_no).encode()).digest()[:8], "big") % len(ordered)
+    return ordered[start:] + ordered[:start]
+
+
+def alpha_for(round_no: int) -> float:
+    """Weight of the teacher's answers in the student's loss: 0.2 in round 1, rising to 0.5 by round 10."""
+    step = (ALPHA_END - ALPHA_START) / (ALPHA_ROUNDS - 1)
+    return round(min(ALPHA_END, ALPHA_START + step * max(0, round_no - 1)), 6)
+
+
+def _str(raw: Mapping[str, Any], name: str) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise ValueError(f"{name} must be a string of 1-128 characters")
+    return value
+
+
+def _int(raw: Mapping[str, Any], name: str, low: int = 0, high: int = 2**62) -> int:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(raw: Mapping[str, Any], name: str, low: float, high: float) -> float:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= float(value) <= high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}]")
+    return float(value)
+
+
+def _map(raw: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{what} must be a map")
+    return raw
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_no: int
+    matchmaker: str
+    pairs: tuple[PairChoice, ...]
+    alpha: float
+    transfer_seed: int
+    created_ms: int
+    deadline_ms: int
+
+    def role_of(self, peer_id: str) -> tuple[str, PairChoice] | None:
+        for pair in self.pairs:
+            if pair.teacher == peer_id:
+                return "teacher", pair
+            if pair.student == peer_id:
+                return "student", pair
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round_no, "matchmaker": self.matchmaker, "pairs": [p.to_dict() for p in self.pairs],
+            "alpha": self.alpha, "transfer_seed": self.transfer_seed, "created_ms": self.created_ms,
+            "deadline_ms": self.deadline_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RoundPlan:
+        d = _map(raw, "plan")
+        pairs = d.get("pairs")
+        if not isinstance(pairs, list) or len(pairs) > MAX_PAIRS:
+            raise ValueError(f"plan pairs must be a list of at most {MAX_PAIRS}")
+        plan = cls(
+            _int(d, "round", 1), _str(d, "matchmaker"), tuple(PairChoice.from_dict(p) for p in pairs),
+            _float(d, "alpha", 0.0, 1.0), _int(d, "transfer_seed"), _int(d, "created_ms"), _int(d, "deadline_ms"),
+        )
+        members = [m for p in plan.pairs for m in (p.teacher, p.student)]
+        if len(members) != len(set(members)):
+            raise ValueError("plan pairs must be disjoint")
+        return plan
+
+
+@dataclass(frozen=True)
+class RewardReport:
+    """What a student measured: validation accuracy before and after training on its teacher's answers."""
+
+    round_no: int
+    student: str
+    teacher: str
+    gain: float
+    accuracy_after: float
+    swapped: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round_no, "student": self.student, "teacher": self.teacher, "gain": self.gain,
+                "accuracy_after": self.accuracy_after, "swapped": self.swapped}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RewardReport:
+        d = _map(raw, "reward")
+        swapped = d.get("swapped")
+        if not isinstance(swapped, bool):
+            raise ValueError("swapped must be a boolean")
+        return cls(_int(d, "round", 1), _str(d, "student"), _str(d, "teacher"),
+                   _float(d, "gain", -MAX_GAIN, MAX_GAIN), _float(d, "accuracy_after", 0.0, 1.0), swapped)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round, as `knexa-node rounds` shows it."""
+
+    round_no: int
+    matchmaker: str
+    pairs: tuple[PairChoice, ...]
+    rewards: tuple[tuple[str, float, float], ...]  # (student, gain, z-scored reward) for rewards applied
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round_no, "matchmaker": self.matchmaker, "pairs": [p.to_dict() for p in self.pairs],
+                "rewards": [list(r) for r in self.rewards]}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RoundRecord:
+        d = _map(raw, "record")
+        pairs, rewards = d.get("pairs"), d.get("rewards")
+        if not isinstance(pairs, list) or not isinstance(rewards, list) or len(pairs) > MAX_PAIRS:
+            raise ValueError("record pairs and rewards must be lists")
+        parsed = []
+        for r in rewards[:MAX_PAIRS]:
+            if not (isinstance(r, list | tuple) and len(r) == 3 and isinstance(r[0], str)):
+                raise ValueError("record reward must be [student, gain, reward]")
+            parsed.append((r[0], float(r[1]), float(r[2])))
+        return cls(_int(d, "round", 1), _str(d, "matchmaker"), tuple(PairChoice.from_dict(p) for p in pairs),
+                   tuple(parsed))
+
+
+@dataclass(frozen=True)
+class MatchmakerState:
+    round_no: int  # the last round planned (0: none yet)
+    bandit: LinUCB
+    scaler: RewardScaler
+    plan: RoundPlan | None = None
+    history: tuple[RoundRecord, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def initial(cls, dim: int | None = None) -> MatchmakerState:
+        return cls(0, LinUCB(dim or 2 * node_dim()), RewardScaler())
+
+    @property
+    def created_ms(self) -> int:
+        return self.plan.created_ms if self.plan is not None else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round_no, "bandit": self.bandit.to_dict(), "scaler": self.scaler.to_dict(),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> MatchmakerState:
+        d = _map(raw, "matchmaker state")
+        history = d.get("history")
+        if not isinstance(history, list) or len(history) > HISTORY_ROUNDS:
+            raise ValueError(f"history must be a list of at most {HISTORY_ROUNDS}")
+        plan = RoundPlan.from_dict(d["plan"]) if d.get("plan") is not None else None
+        state = cls(_int(d, "round"), LinUCB.from_dict(d.get("bandit")), RewardScaler.from_dict(d.get("scaler")),
+                    plan, tuple(RoundRecord.from_dict(r) for r in history))
+        if plan is not None and plan.round_no != state.round_no:
+            raise ValueError("the plan's round differs from the state's")
+        if any(len(p.context) != state.bandit.dim for p in (plan.pairs if plan else ())):
+            raise ValueError("a pair's context does not match the bandit's dimension")
+        return state
+
+
+def newest_state(states: Iterable[MatchmakerState]) -> MatchmakerState | None:
+    best: MatchmakerState | None = None
+    for state in states:
+        if best is None or (state.round_no, state.created_ms) > (best.round_no, best.created_ms):
+            best = state
+    return best
+
+
+def reward_rejection(plan: RoundPlan, report: RewardReport, author: str) -> str | None:
+    """Why a reward cannot count for this plan, or None."""
+    if report.student != author:
+        return "reward signed by another node than the student it names"
+    if report.round_no != plan.round_no:
+        return "reward for another round"
+    role = plan.role_of(author)
+    if role is None or role[0] != "student":
+        return "reward from a node that was not a student this round"
+    if role[1].teacher != report.teacher:
+        return "reward names another teacher than the assigned one"
+    return None
+
+
+def close_round(
+    state: MatchmakerState, rewards: Mapping[str, RewardReport]
+) -> tuple[MatchmakerState, list[str]]:
+    """Apply the students' rewards (keyed by the ledger author that signed them) to the bandit and record
+    the round. Returns the new state and why any reward was left out."""
+    plan = state.plan
+    if plan is None:
+        return state, []
+    bandit = LinUCB.from_dict(state.bandit.to_dict())  # a copy: states are values
+    scaler = RewardScaler.from_dict(state.scaler.to_dict())
+    rejected: list[str] = []
+    applied: list[tuple[str, float, float]] = []
+    for author in sorted(rewards):
+        report = rewards[author]
+        reason = reward_rejection(plan, report, author)
+        if reason is not None:
+            if report.round_no == plan.round_no:
+                rejected.append(f"{author}: {reason}")
+            continue
+        pair = next(p for p in plan.pairs if p.student == author)
+        reward = scaler.z(report.gain)
+        scaler.observe(report.gain)
+        bandit.update(pair.context, reward)
+        applied.append((author, report.gain, reward))
+    record = RoundRecord(plan.round_no, plan.matchmaker, plan.pairs, tuple(applied))
+    history = (*state.history, record)[-HISTORY_ROUNDS:]
+    return MatchmakerState(state.round_no, bandit, scaler, None, history), rejected
+
+
+def next_plan(
+    state: MatchmakerState,
+    candidates: Sequence[Candidate],
+    matchmaker: str,
+    now_ms: int,
+    round_deadline_s: float,
+) -> MatchmakerState:
+    """Plan the round after `state.round_no` (call close_round first if a plan is open)."""
+    round_no = state.round_no + 1
+    pairs = plan_pairs(candidates, state.bandit, round_no)
+    plan = RoundPlan(
+        round_no, matchmaker, tuple(pairs), alpha_for(round_no), transfer_seed=round_no,
+        created_ms=now_ms, deadline_ms=now_ms + int(round_deadline_s * 1000),
+    )
+    return replace(state, round_no=round_no, plan=plan)
+
+
+def round_finished(plan: RoundPlan, rewards: Mapping[str, RewardReport], now_ms: int) -> bool:
+    """Every assigned student has reported, or the deadline has passed."""
+    if now_ms >= plan.deadline_ms:
+        return True
+    return all(
+        (r := rewards.get(p.student)) is not None and reward_rejection(plan, r, p.student) is None
+        for p in plan.pairs
+    )
+
+
+def check_transfer(plan: RoundPlan | None, sender: str, recipient: str, round_no: int) -> str | None:
+    """Why a transfer payload must be refused, or None: only the assigned teacher of this round may send
+    its student answers."""
+    if plan is None or plan.round_no != round_no:
+        return f"round {round_no} is not the open round"
+    role = plan.role_of(recipient)
+    if role is None or role[0] != "student":
+        return "this node is not a student this round"
+    if role[1].teacher != sender:
+        return "the sender is not this node's assigned teacher"
+    return None

@@ -1,0 +1,216 @@
+"""A family of small tasks with checkable answers, the user's private data, and the public transfer set.
+
+Pure code. The four categories stand in for the skill slices of the KNEXA-FL setting: each node holds a
+Dirichlet-skewed share of them, so that what one node is good at another may learn from it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CATEGORIES = ("arithmetic", "units", "strings", "dates")
+GENERAL = "general"
+MAX_FIELD_CHARS = 4096
+MAX_ROWS = 100_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+WORDS = (
+    "cat", "dog", "mesh", "node", "peer", "model", "cache", "river", "stone", "cloud", "light", "graph",
+    "token", "edge", "relay", "seed", "lamp", "tree", "bird", "apple",
+)
+UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60), ("minutes", "seconds", 60))
+
+
+class DataError(ValueError):
+    """The user's data file is unusable; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    category: str = GENERAL
+
+    def to_dict(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "answer": self.answer, "category": self.category}
+
+
+def _arithmetic(rng: random.Random) -> Example:
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if rng.random() < 0.5:
+        return Example(f"What is {a} + {b}? Answer with the number only.", str(a + b), "arithmetic")
+    a, b = max(a, b), min(a, b)
+    return Example(f"What is {a} - {b}? Answer with the number only.", str(a - b), "arithmetic")
+
+
+def _units(rng: random.Random) -> Example:
+    big, small, factor = rng.choice(UNITS)
+    n = rng.randint(2, 9)
+    return Example(f"Convert {n} {big} to {small}. Answer with the number only.", str(n * factor), "units")
+
+
+def _strings(rng: random.Random) -> Example:
+    word = rng.choice(WORDS)
+    if rng.random() < 0.5:
+        return Example(f"Write the word '{word}' in capital letters. Answer with the word only.", word.upper(), "strings")
+    return Example(f"Reverse the word '{word}'. Answer with the word only.", word[::-1], "strings")
+
+
+def _dates(rng: random.Random) -> Example:
+    start, n = rng.randrange(7), rng.randint(1, 6)
+    return Example(
+        f"What day of the week comes {n} days after {DAYS[start]}? Answer with the day only.",
+        DAYS[(start + n) % 7],
+        "dates",
+    )
+
+
+_GENERATORS = {"arithmetic": _arithmetic, "units": _units, "strings": _strings, "dates": _dates}
+
+
+def generate_examples(category: str, n: int, seed: int) -> list[Example]:
+    if category not in _GENERATORS:
+        raise ValueError(f"unknown category {category!r} (known: {', '.join(CATEGORIES)})")
+    rng = random.Random(f"{category}:{seed}")
+    return [_GENERATORS[category](rng) for _ in range(n)]
+
+
+def transfer_set(n: int, seed: int) -> list[str]:
+    """Public prompts, all categories mixed, with no answers: what a teacher answers for its student."""
+    rng = random.Random(f"transfer:{seed}")
+    return [_GENERATORS[CATEGORIES[i % len(CATEGORIES)]](rng).prompt for i in range(n)]
+
+
+def category_of(prompt: str) -> str:
+    """The category of a prompt of this family, from its wording."""
+    for example_category, marker in (
+        ("arithmetic", "What is "), ("units", "Convert "), ("dates", "day of the week"), ("strings", "the word '"),
+    ):
+        if marker in prompt:
+            return example_category
+    return GENERAL
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def grade(example: Example, output: str) -> bool:
+    """Lenient: the first line of the output, case and punctuation aside, must give the answer."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    first = lines[0].strip() if lines else ""
+    expected = example.answer.strip()
+    if _NUMBER.fullmatch(expected):
+        numbers = _NUMBER.findall(first.replace(",", ""))
+        return bool(numbers) and float(numbers[0]) == float(expected)
+    words = re.findall(r"[A-Za-z]+", first)
+    if example.category == "strings":
+        return expected in words  # case matters for the capital-letters task
+    return expected.lower() in (w.lower() for w in words)
+
+
+def dirichlet_split(
+    examples: Sequence[Example], n_nodes: int, alpha: float, seed: int
+) -> list[list[Example]]:
+    """Each category's examples dealt out in Dirichlet(alpha) shares: small alpha, skewed skills."""
+    if n_nodes < 1 or alpha <= 0:
+        raise ValueError("need n_nodes >= 1 and alpha > 0")
+    rng = random.Random(f"dirichlet:{seed}")
+    by_category: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_category[example.category].append(example)
+    shards: list[list[Example]] = [[] for _ in range(n_nodes)]
+    for category in sorted(by_category):
+        items = by_category[category]
+        weights = [rng.gammavariate(alpha, 1.0) for _ in range(n_nodes)]
+        total = sum(weights) or 1.0
+        cuts, acc = [], 0.0
+        for w in weights[:-1]:
+            acc += w / total
+            cuts.append(round(acc * len(items)))
+        bounds = [0, *cuts, len(items)]
+        for node in range(n_nodes):
+            shards[node].extend(items[bounds[node] : bounds[node + 1]])
+    for shard in shards:
+        rng.shuffle(shard)
+    return shards
+
+
+def split_train_val(
+    examples: Sequence[Example], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """A seeded split; each category keeps at least one validation example when it has two or more."""
+    rng = random.Random(f"split:{seed}")
+    train: list[Example] = []
+    val: list[Example] = []
+    by_category: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_category[example.category].append(example)
+    for category in sorted(by_category):
+        items = list(by_category[category])
+        rng.shuffle(items)
+        n_val = max(1, round(len(items) * val_fraction)) if len(items) >= 2 else 0
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    return train, val
+
+
+def skill_scores(results: Iterable[tuple[Example, bool]]) -> dict[str, float]:
+    """Accuracy per category."""
+    right: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for example, correct in results:
+        seen[example.category] += 1
+        right[example.category] += int(correct)
+    return {c: right[c] / seen[c] for c in sorted(seen)}
+
+
+def load_jsonl(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS) -> list[Example]:
+    """The user's private data: one {"prompt", "answer", "category"?} object per line."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    if size > max_bytes:
+        raise DataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
+    examples: list[Example] = []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            if len(examples) >= max_rows:
+                raise DataError(f"{path}: more than {max_rows} rows")
+            examples.append(_row(raw, f"{path}:{number}"))
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def _row(raw: bytes, where: str) -> Example:
+    try:
+        row = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: not a JSON object ({exc})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: not a JSON object")
+    fields = {}
+    for name in ("prompt", "answer"):
+        value = row.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: {name!r} must be a non-empty string")
+        if len(value) > MAX_FIELD_CHARS:
+            raise DataError(f"{where}: {name!r} is longer than {MAX_FIELD_CHARS} characters")
+        fields[name] = value
+    category = row.get("category", GENERAL)
+    if not isinstance(category, str) or not 0 < len(category) <= 64:
+        raise DataError(f"{where}: 'category' must be a string of 1-64 characters")
+    return Example(fields["prompt"], fields["answer"], category)
+
+
+def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
+    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in examples))

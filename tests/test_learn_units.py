@@ -1,0 +1,296 @@
+"""The pure core of learning together: tasks, LinUCB pairing, rounds. No sockets, no model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from knexa.node.learn import tasks
+from knexa.node.learn.linucb import (
+    Candidate,
+    LinUCB,
+    PairChoice,
+    RewardScaler,
+    node_dim,
+    pair_context,
+    plan_pairs,
+    profile_vector,
+    random_pairs,
+)
+from knexa.node.learn.rounds import (
+    MatchmakerState,
+    RewardReport,
+    alpha_for,
+    check_transfer,
+    close_round,
+    matchmaker_order,
+    newest_state,
+    next_plan,
+    round_finished,
+)
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+def test_examples_are_deterministic_and_graded_by_their_own_answers() -> None:
+    for category in tasks.CATEGORIES:
+        examples = tasks.generate_examples(category, 20, seed=3)
+        assert examples == tasks.generate_examples(category, 20, seed=3)
+        assert all(e.category == category for e in examples)
+        assert all(tasks.grade(e, e.answer) for e in examples)
+        assert all(tasks.category_of(e.prompt) == category for e in examples)
+
+
+def test_grade_is_lenient_about_form_but_not_content() -> None:
+    add = tasks.Example("What is 2 + 3?", "5", "arithmetic")
+    assert tasks.grade(add, "5")
+    assert tasks.grade(add, " The answer is 5.\nMore text 7")
+    assert not tasks.grade(add, "6")
+    assert not tasks.grade(add, "")
+    day = tasks.Example("What day...", "Wednesday", "dates")
+    assert tasks.grade(day, "wednesday.")
+    assert not tasks.grade(day, "Thursday")
+    upper = tasks.Example("capital letters", "CAT", "strings")
+    assert tasks.grade(upper, "CAT")
+    assert not tasks.grade(upper, "cat")
+
+
+def test_dirichlet_split_deals_every_example_once_and_skews_skills() -> None:
+    examples = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, 50, seed=1)]
+    shards = tasks.dirichlet_split(examples, 5, alpha=0.3, seed=2)
+    assert sorted(e.prompt for s in shards for e in s) == sorted(e.prompt for e in examples)
+    shares = [[sum(e.category == c for e in s) / 50 for c in tasks.CATEGORIES] for s in shards]
+    assert max(max(row) for row in shares) > 0.5  # small alpha: some node holds most of some category
+
+
+def test_split_train_val_keeps_each_category_in_validation() -> None:
+    examples = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, 10, seed=1)]
+    train, val = tasks.split_train_val(examples, 0.2, seed=0)
+    assert len(train) + len(val) == 40
+    assert {e.category for e in val} == set(tasks.CATEGORIES)
+
+
+def test_jsonl_loader_names_the_bad_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "answer": "a"}\n\n{"prompt": "q", "answer": "b", "category": "math"}\n')
+    assert tasks.load_jsonl(good) == [tasks.Example("p", "a", "general"), tasks.Example("q", "b", "math")]
+    for text, fragment in [
+        ('{"prompt": "p", "answer": "a"}\nnot json\n', ":2: not a JSON object"),
+        ('[1, 2]\n', ":1: not a JSON object"),
+        ('{"prompt": "", "answer": "a"}\n', "'prompt' must be a non-empty string"),
+        ('{"prompt": "p", "answer": 3}\n', "'answer' must be a non-empty string"),
+        ('{"prompt": "p", "answer": "a", "category": 7}\n', "'category'"),
+        ("\n\n", "holds no examples"),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(tasks.DataError, match=fragment.replace("[", r"\[")):
+            tasks.load_jsonl(bad)
+    with pytest.raises(tasks.DataError, match="cannot read"):
+        tasks.load_jsonl(tmp_path / "missing.jsonl")
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    with pytest.raises(tasks.DataError, match="over the limit"):
+        tasks.load_jsonl(big, max_bytes=10)
+
+
+def test_skill_scores_are_accuracy_per_category() -> None:
+    a, b = tasks.Example("x", "1", "arithmetic"), tasks.Example("y", "CAT", "strings")
+    assert tasks.skill_scores([(a, True), (a, False), (b, True)]) == {"arithmetic": 0.5, "strings": 1.0}
+
+
+# -- LinUCB ------------------------------------------------------------------------------------------
+
+
+def test_linucb_learns_a_linear_reward_and_narrows_its_uncertainty() -> None:
+    rng = np.random.default_rng(0)
+    theta = rng.normal(size=6)
+    bandit = LinUCB(6, lam=0.01, beta0=1.0)
+    x = rng.normal(size=6)
+    wide = bandit.score(x, 1).width
+    for _ in range(200):
+        z = rng.normal(size=6)
+        bandit.update(z, float(theta @ z))
+    assert bandit.score(x, 1).width < wide / 10
+    assert np.allclose(bandit.theta(), theta, atol=1e-2)
+    assert bandit.beta(4) == pytest.approx(0.5)
+
+
+def test_bandit_state_round_trips_and_refuses_junk() -> None:
+    bandit = LinUCB(4)
+    bandit.update([1, 0, 2, 0], 0.5)
+    again = LinUCB.from_dict(bandit.to_dict())
+    assert np.array_equal(again.A, bandit.A) and np.array_equal(again.b, bandit.b) and again.updates == 1
+    for junk in [None, {}, {**bandit.to_dict(), "A": [0.0] * 16}, {**bandit.to_dict(), "b": [1.0]},
+                 {**bandit.to_dict(), "dim": 999}, {**bandit.to_dict(), "A": [float("nan")] * 16}]:
+        with pytest.raises(ValueError):
+            LinUCB.from_dict(junk)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                               max_size=4), max_leaves=20))
+def test_state_parsers_raise_only_value_error_on_anything(raw: object) -> None:
+    for parser in (MatchmakerState.from_dict, RewardReport.from_dict, PairChoice.from_dict, LinUCB.from_dict):
+        try:
+            parser(raw)
+        except ValueError:
+            pass
+
+
+def _candidates(n: int, seed: int = 0) -> list[Candidate]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        skills = {c: rng.random() for c in tasks.CATEGORIES}
+        accuracy = sum(skills.values()) / len(skills)
+        out.append(Candidate(f"peer{i:02d}", profile_vector(skills, accuracy), accuracy))
+    return out
+
+
+def test_plan_pairs_is_disjoint_oriented_and_floor_half() -> None:
+    for n in (2, 3, 5, 8):
+        candidates = _candidates(n)
+        perf = {c.peer_id: c.performance for c in candidates}
+        pairs = plan_pairs(candidates, LinUCB(2 * node_dim()), 1)
+        assert len(pairs) == n // 2
+        members = [m for p in pairs for m in (p.teacher, p.student)]
+        assert len(members) == len(set(members))
+        assert all(perf[p.teacher] >= perf[p.student] for p in pairs)
+        assert plan_pairs(candidates, LinUCB(2 * node_dim()), 1) == pairs  # deterministic
+        randomly = random_pairs(candidates, random.Random(1))
+        assert len(randomly) == n // 2 and all(perf[p.teacher] >= perf[p.student] for p in randomly)
+
+
+def _optimal_value(candidates: list[Candidate], value) -> float:
+    """Best total of any set of floor(N/2) disjoint pairs (exhaustive: N is small)."""
+    def best(pool: tuple[Candidate, ...]) -> float:
+        if len(pool) < 2:
+            return 0.0
+        first, rest = pool[0], pool[1:]
+        options = [value(first, other) + best(tuple(c for c in rest if c is not other)) for other in rest]
+        if len(pool) % 2:
+            options.append(best(rest))
+        return max(options)
+    return best(tuple(candidates))
+
+
+def test_linucb_pairing_has_lower_regret_than_random_on_a_hidden_synergy() -> None:
+    """A population whose pair reward is a hidden function of the two profiles plus noise: the learned
+    matchmaker's cumulative regret is well below random pairing's, over several seeds."""
+    totals = {"linucb": 0.0, "random": 0.0}
+    for seed in range(3):
+        candidates = _candidates(8, seed=100 + seed)
+        by_id = {c.peer_id: c for c in candidates}
+        hidden = np.random.default_rng(seed).normal(size=2 * node_dim())
+
+        def expected(teacher: Candidate, student: Candidate, hidden=hidden) -> float:
+            return float(hidden @ pair_context(teacher.vector, student.vector))
+
+        def pair_value(a: Candidate, b: Candidate, expected=expected) -> float:
+            teacher, student = (a, b) if (a.performance, b.peer_id) >= (b.performance, a.peer_id) else (b, a)
+            return expected(teacher, student)
+
+        best = _optimal_value(candidates, pair_value)
+        noise = np.random.default_rng(1000 + seed)
+        bandit, rng = LinUCB(2 * node_dim()), random.Random(seed)
+        for round_no in range(1, 61):
+            for name, pairs in (("linucb", plan_pairs(candidates, bandit, round_no)),
+                                ("random", random_pairs(candidates, rng))):
+                got = sum(expected(by_id[p.teacher], by_id[p.student]) for p in pairs)
+                totals[name] += best - got
+                if name == "linucb":
+                    for p in pairs:
+                        bandit.update(p.context, expected(by_id[p.teacher], by_id[p.student]) + noise.normal(0, 0.3))
+    assert totals["linucb"] < 0.5 * totals["random"], totals
+
+
+def test_reward_scaler_z_scores_against_past_gains() -> None:
+    scaler = RewardScaler()
+    assert scaler.z(0.2) == 0.2  # too few gains seen: the gain itself
+    for gain in (0.0, 0.1, 0.2, 0.1):
+        scaler.observe(gain)
+    assert scaler.z(0.1) == pytest.approx(0.0)
+    assert scaler.z(0.3) > 0 > scaler.z(-0.1)
+    assert RewardScaler.from_dict(scaler.to_dict()).z(0.3) == scaler.z(0.3)
+
+
+# -- rounds ------------------------------------------------------------------------------------------
+
+
+def test_matchmaker_order_is_a_deterministic_rotation() -> None:
+    members = ["c", "a", "d", "b"]
+    for round_no in range(1, 20):
+        order = matchmaker_order(round_no, members)
+        assert sorted(order) == ["a", "b", "c", "d"]
+        start = order.index("a")
+        assert order[start:] + order[:start] == ["a", "b", "c", "d"]
+        assert matchmaker_order(round_no, list(reversed(members))) == order
+    assert len({matchmaker_order(r, members)[0] for r in range(1, 40)}) == 4  # the duty moves around
+    assert matchmaker_order(1, []) == []
+
+
+def test_alpha_schedule_rises_from_point_two_to_point_five() -> None:
+    assert alpha_for(1) == 0.2
+    assert 0.2 < alpha_for(5) < 0.5
+    assert alpha_for(10) == 0.5 and alpha_for(50) == 0.5
+
+
+def _planned() -> MatchmakerState:
+    candidates = _candidates(4)
+    return next_plan(MatchmakerState.initial(), candidates, "peer00", now_ms=1_000, round_deadline_s=60)
+
+
+def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
+    state = _planned()
+    plan = state.plan
+    assert plan is not None and plan.round_no == 1 and len(plan.pairs) == 2
+    first, second = plan.pairs
+    good = RewardReport(1, first.student, first.teacher, 0.1, 0.6, True)
+    rewards = {
+        first.student: good,
+        second.student: RewardReport(1, second.student, first.teacher, 0.9, 0.9, True),  # wrong teacher
+        second.teacher: RewardReport(1, second.teacher, second.student, 0.9, 0.9, True),  # a teacher, not a student
+        "outsider": RewardReport(1, "outsider", first.teacher, 0.9, 0.9, True),
+    }
+    assert not round_finished(plan, rewards, now_ms=2_000)
+    closed, rejected = close_round(state, rewards)
+    assert len(rejected) == 3
+    assert closed.plan is None and closed.bandit.updates == 1
+    assert closed.history[-1].rewards == ((first.student, 0.1, 0.1),)
+    assert round_finished(plan, rewards, now_ms=plan.deadline_ms)
+    assert round_finished(plan, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, False)
+                                 for p in plan.pairs}, now_ms=2_000)
+    again = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
+    assert again.round_no == 2 and again.plan.alpha == alpha_for(2)
+    assert newest_state([state, again, closed]) is again
+
+
+def test_state_round_trips_through_its_ledger_form() -> None:
+    state = _planned()
+    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.05, 0.5, True)
+                                    for p in state.plan.pairs})
+    for value in (state, closed):
+        again = MatchmakerState.from_dict(json.loads(json.dumps(value.to_dict())))
+        assert again.to_dict() == value.to_dict()
+    forged = state.to_dict()
+    forged["plan"]["round"] = 7
+    with pytest.raises(ValueError):
+        MatchmakerState.from_dict(forged)
+
+
+def test_only_the_assigned_teacher_may_send_a_transfer() -> None:
+    plan = _planned().plan
+    pair = plan.pairs[0]
+    assert check_transfer(plan, pair.teacher, pair.student, 1) is None
+    assert "not this node's assigned teacher" in check_transfer(plan, plan.pairs[1].teacher, pair.student, 1)
+    assert "not a student" in check_transfer(plan, pair.student, pair.teacher, 1)
+    assert "not the open round" in check_transfer(plan, pair.teacher, pair.student, 2)
+    assert "not the open round" in check_transfer(None, pair.teacher, pair.student, 1)
