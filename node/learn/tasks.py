@@ -58,7 +58,8 @@ def _units(rng: random.Random) -> Example:
 def _strings(rng: random.Random) -> Example:
     word = rng.choice(WORDS)
     if rng.random() < 0.5:
-        return Example(f"Write the word '{word}' in capital letters. Answer with the word only.", word.upper(), "strings")
+        prompt = f"Write the word '{word}' in capital letters. Answer with the word only."
+        return Example(prompt, word.upper(), "strings")
     return Example(f"Reverse the word '{word}'. Answer with the word only.", word[::-1], "strings")
 
 
