@@ -29,6 +29,7 @@ from .kv import KV_FORMAT
 from .models import ensure_embedded_model
 from .requests import GenerationRequest, GenerationResult, ScoreResult, TextDelta
 from .sampling import SamplingParams
+from .training import TrainExample, TrainReport, TrainSpec
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -53,6 +54,9 @@ __all__ = [
     "SamplingParams",
     "ScoreResult",
     "TextDelta",
+    "TrainExample",
+    "TrainReport",
+    "TrainSpec",
     "UnknownAdapter",
     "create_random_lora_adapter",
     "ensure_embedded_model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,8 @@ class AdapterSet:
     def __init__(self, base_model: Any) -> None:
         self.base_model = base_model
         self._peft: Any = None
-        self.folders: dict[str, Path] = {}
+        # None for adapters made in memory (created or trained here) and not saved since.
+        self.folders: dict[str, Path | None] = {}
 
     @property
     def model(self) -> Any:
@@ -36,10 +38,7 @@ class AdapterSet:
     def load(self, adapter_id: str, folder: Path) -> None:
         from peft import LoraConfig, PeftConfig, PeftModel
 
-        if not _ID.match(adapter_id) or adapter_id == BASE:
-            raise AdapterError(f"adapter id {adapter_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
-        if adapter_id in self.folders:
-            raise AdapterError(f"adapter {adapter_id!r} is already loaded")
+        self._check_new_id(adapter_id)
         try:
             config = PeftConfig.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
@@ -55,6 +54,73 @@ class AdapterSet:
             raise AdapterError(f"cannot load adapter {adapter_id!r} from {folder}: {exc}") from exc
         self._peft.eval()
         self.folders[adapter_id] = folder
+
+    def create(self, adapter_id: str, rank: int = 8, seed: int = 0, like: str | None = None) -> None:
+        """A new LoRA adapter in memory: B starts at zero, so it changes nothing until trained. `like` copies
+        another adapter's configuration (rank, targets) instead."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        self._check_new_id(adapter_id)
+        if like is not None:
+            self.check(like)
+            config = copy.deepcopy(self._peft.peft_config[like])
+        else:
+            targets = guess_target_modules(self.base_model)
+            config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
+                                fan_in_fan_out="c_attn" in targets)
+        config.inference_mode = False
+        torch.manual_seed(seed)
+        if self._peft is None:
+            self._peft = get_peft_model(self.base_model, config, adapter_name=adapter_id)
+        else:
+            self._peft.add_adapter(adapter_id, config)
+        self._peft.eval()
+        self.folders[adapter_id] = None
+
+    def parameters_of(self, adapter_id: str) -> dict[str, Any]:
+        """The adapter's LoRA tensors by name with the adapter id taken out (same keys for every adapter)."""
+        self.check(adapter_id)
+        marker = f".{adapter_id}."
+        return {
+            name.replace(marker, ".@."): parameter
+            for name, parameter in self._peft.named_parameters()
+            if marker in name and "lora_" in name
+        }
+
+    def copy_weights(self, source: str, target: str) -> None:
+        """Overwrite target's LoRA tensors with source's, in place (callers see the change at once)."""
+        import torch
+
+        src, dst = self.parameters_of(source), self.parameters_of(target)
+        if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
+            raise AdapterError(f"adapters {source!r} and {target!r} have different shapes")
+        with torch.no_grad():
+            for name, tensor in src.items():
+                dst[name].copy_(tensor)
+
+    def save(self, adapter_id: str, folder: Path) -> None:
+        import shutil
+        import tempfile
+
+        self.check(adapter_id)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+            self._peft.save_pretrained(scratch, selected_adapters=[adapter_id])
+            # peft puts every adapter but "default" in a subfolder named after it.
+            saved = Path(scratch) / adapter_id if adapter_id != "default" else Path(scratch)
+            staged = folder.with_name(folder.name + ".new")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.move(str(saved), staged)
+            shutil.rmtree(folder, ignore_errors=True)
+            staged.rename(folder)
+        self.folders[adapter_id] = folder
+
+    def _check_new_id(self, adapter_id: str) -> None:
+        if not _ID.match(adapter_id) or adapter_id == BASE:
+            raise AdapterError(f"adapter id {adapter_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if adapter_id in self.folders:
+            raise AdapterError(f"adapter {adapter_id!r} is already loaded")
 
     def unload(self, adapter_id: str) -> None:
         self.check(adapter_id)
@@ -73,6 +139,16 @@ class AdapterSet:
         return {"adapter_names": [a if a is not None else BASE for a in adapters]}
 
 
+def guess_target_modules(model: Any) -> list[str]:
+    """The attention projections that LoRA adapts, by the names this architecture gives them."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if {"q_proj", "k_proj", "v_proj", "o_proj"} <= names:
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if "c_attn" in names:
+        return ["c_attn", "c_proj"]  # GPT-2 style fused attention projections
+    raise AdapterError("cannot guess the attention projections of this model")
+
+
 def create_random_lora_adapter(
     base_folder: Path,
     out_dir: Path,
@@ -89,14 +165,8 @@ def create_random_lora_adapter(
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     if target_modules is None:
-        if {"q_proj", "k_proj", "v_proj", "o_proj"} <= names:
-            target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        elif "c_attn" in names:
-            target_modules = ["c_attn", "c_proj"]  # GPT-2 style fused attention projections
-        else:
-            raise ValueError("cannot guess the attention projections; pass target_modules")
+        target_modules = guess_target_modules(base)
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,

@@ -15,10 +15,11 @@ import trio
 
 from .config import EngineConfig
 from .errors import EngineClosed, EngineDown, EngineError, InvalidRequest
-from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob
+from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
 from .queue import RequestQueue
 from .requests import GenerationRequest, GenerationResult, ScoreResult, TextDelta, validate_messages
 from .runner import Worker
+from .training import TrainReport, TrainSpec
 
 Event = TextDelta | GenerationResult
 
@@ -216,6 +217,42 @@ class Engine:
     async def unload_adapter(self, adapter_id: str) -> list[str]:
         return await self._call(AdapterJob(reply=_TrioReply(), action="unload", adapter_id=adapter_id))
 
+    async def ensure_adapter(self, adapter_id: str, rank: int = 8, seed: int = 0) -> None:
+        """A fresh in-memory LoRA adapter under adapter_id (B = 0: it changes nothing yet), unless one is loaded."""
+        if adapter_id not in self.adapters():
+            await self._call(AdapterJob(reply=_TrioReply(), action="create", adapter_id=adapter_id, rank=rank,
+                                        seed=seed))
+
+    async def train_shadow(
+        self, spec: TrainSpec, progress: Callable[[int, float], None] | None = None
+    ) -> TrainReport:
+        """Train spec.shadow_id, a copy of spec.live_id made at the start (or a fresh adapter if there is no
+        live one), while the engine keeps serving: one optimizer step between decode steps, skipped while
+        requests wait or while a step would push running requests past spec.latency_target_s per token.
+        Leaving early (cancellation) stops training at the next step; the live adapter is never touched."""
+        spec.validate()
+        reply = self._submit(TrainJob(reply=_TrioReply(), spec=spec))
+        try:
+            async for event in reply.receive_channel:
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, TrainReport):
+                    return event
+                if progress is not None:
+                    progress(*event)
+        finally:
+            reply.cancel()
+        raise EngineClosed("the training ended without a report")
+
+    async def promote_shadow(self, shadow_id: str, live_id: str) -> None:
+        """Copy the shadow's weights over the live adapter's, atomically between two decode steps; requests
+        decoding with the live adapter continue on the new weights from their next token."""
+        await self._call(AdapterJob(reply=_TrioReply(), action="promote", adapter_id=live_id, source=shadow_id))
+
+    async def save_adapter(self, adapter_id: str, folder: str | Path) -> None:
+        """Write one adapter as a peft folder (safetensors) that load_adapter reads back."""
+        await self._call(AdapterJob(reply=_TrioReply(), action="save", adapter_id=adapter_id, folder=str(folder)))
+
     def adapters(self) -> list[str]:
         model = self._worker.model
         return list(model.adapter_ids) if model is not None else []
@@ -238,6 +275,7 @@ class Engine:
             "max_batch": self.config.max_batch,
             "torch_threads": worker.torch_threads,
             "adapters": list(model.adapter_ids) if model else [],
+            "training": worker.training.status() if worker.training is not None else None,
             "uptime_s": time.monotonic() - self._opened_at,
             **worker.stats.to_dict(),
         }

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from .requests import GenerationRequest
+from .training import TrainSpec
 
 
 class Reply(Protocol):
@@ -55,6 +56,17 @@ class ScoreJob(Job):
 
 @dataclass
 class AdapterJob(Job):
-    action: str  # "load" or "unload"
+    action: str  # "load", "unload", "create", "promote" (source -> adapter_id) or "save"
     adapter_id: str
     folder: str | None = None
+    source: str | None = None
+    rank: int = 8
+    seed: int = 0
+
+
+@dataclass
+class TrainJob(Job):
+    """Runs beside the batch: one optimizer step per worker round while the policy allows. The reply gets
+    (steps done, loss) progress tuples, then the TrainReport."""
+
+    spec: TrainSpec

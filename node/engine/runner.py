@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from .config import EngineConfig
 from .device import configure_threads
 from .errors import (
     AdapterBusy,
+    AdapterError,
     EngineClosed,
     EngineCrashed,
     EngineDown,
@@ -26,7 +28,7 @@ from .errors import (
     InvalidRequest,
 )
 from .generation import RowProgress
-from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob
+from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
 from .kv import check_import, export_cache
 from .kvbatch import BatchCache, Pairs
 from .modelstate import ModelState, load_model_state
@@ -34,6 +36,7 @@ from .queue import RequestQueue
 from .requests import ScoreResult
 from .sampler import new_generator, pick_tokens
 from .stats import EngineStats
+from .training import TrainingPolicy, TrainingRun, collate, encode_example, weighted_loss
 
 CRASH_WINDOW_S = 60.0
 ONE_SHOTS_PER_STEP = 2
@@ -69,6 +72,9 @@ class Worker:
         self._joining: list[tuple[Row, Pairs]] = []  # started (prefilled) but not yet in the batch
         self._crashes: deque[float] = deque()
         self._fault: tuple[str, bool] | None = None
+        self.training: TrainingRun | None = None
+        self._train_job: TrainJob | None = None
+        self._last_decode_s = 0.0
         # Called in the worker thread after every state change; the engine forwards it to trio.
         self.on_state_change: Callable[[], None] = lambda: None
         self.thread = threading.Thread(target=self._main, name="knexa-engine", daemon=True)
@@ -112,7 +118,8 @@ class Worker:
         free = self.layout.free_rows
         if free:
             # Block only when idle; with rows in flight, just pick up whatever is already waiting.
-            self._taken = self.queue.take(free, timeout_s=None if not self.rows else 0)
+            idle = not self.rows and self.training is None
+            self._taken = self.queue.take(free, timeout_s=None if idle else 0)
         else:
             # A full batch still lets one-shot work (prefill, score, adapters) through between steps.
             self._taken = self.queue.take_where(lambda job: not isinstance(job, GenerateJob), ONE_SHOTS_PER_STEP)
@@ -133,6 +140,8 @@ class Worker:
             self._joining = []
         if self.rows:
             self._decode_step()
+        if self.training is not None:
+            self._training_step()
         return True
 
     def _run_job(self, job: Job) -> tuple[Row, Pairs] | None:
@@ -145,6 +154,8 @@ class Worker:
             job.reply.send(self._score(job))
         elif isinstance(job, AdapterJob):
             job.reply.send(self._adapter(job))
+        elif isinstance(job, TrainJob):
+            self._start_training(job)
         else:
             raise TypeError(f"unknown job {type(job).__name__}")
         return None
@@ -220,7 +231,8 @@ class Worker:
         batch.after_step(output.past_key_values)
         self.layout.advance()
         tokens = pick_tokens(output.logits[:, -1], [r.progress.params for r in rows], [r.generator for r in rows])
-        self.stats.record_step(len(rows), time.perf_counter() - started)
+        self._last_decode_s = time.perf_counter() - started
+        self.stats.record_step(len(rows), self._last_decode_s)
         leaving = []
         for row, token in zip(rows, tokens, strict=True):
             if row.job.reply.cancelled or self._deliver(row, token):
@@ -300,12 +312,111 @@ class Worker:
             busy = {row.progress.adapter for row in self.rows}
             if job.action == "unload" and job.adapter_id in busy:
                 raise AdapterBusy(f"adapter {job.adapter_id!r} is in use by running requests")
+        training = self.training.spec.shadow_id if self.training is not None else None
+        if training is not None and training in (job.adapter_id, job.source) and job.action != "save":
+            raise AdapterBusy(f"adapter {training!r} is being trained")
+        adapters = model.adapters
         if job.action == "load":
-            model.adapters.load(job.adapter_id, Path(job.folder or ""))
+            adapters.load(job.adapter_id, Path(job.folder or ""))
         elif job.action == "unload":
-            model.adapters.unload(job.adapter_id)
+            adapters.unload(job.adapter_id)
+        elif job.action == "create":
+            adapters.create(job.adapter_id, rank=job.rank, seed=job.seed)
+        elif job.action == "promote":
+            # Between decode steps, so atomic for every request: rows already decoding with the live
+            # adapter take their next token from the promoted weights.
+            if job.adapter_id not in adapters.folders:
+                adapters.create(job.adapter_id, like=job.source)
+            adapters.copy_weights(job.source or "", job.adapter_id)
+            adapters.folders[job.adapter_id] = None  # the saved copy, if any, is out of date
+        elif job.action == "save":
+            adapters.save(job.adapter_id, Path(job.folder or ""))
         model.adapter_ids = tuple(model.adapters.ids())
         return list(model.adapter_ids)
+
+    # Shadow training --------------------------------------------------------------------------
+
+    def _start_training(self, job: TrainJob) -> None:
+        model = self.model
+        assert model is not None
+        spec = job.spec
+        if self.training is not None:
+            raise AdapterBusy(f"adapter {self.training.spec.shadow_id!r} is being trained; one training at a time")
+        adapters = model.adapters
+        if any(row.progress.adapter == spec.shadow_id for row in self.rows):
+            raise AdapterBusy(f"adapter {spec.shadow_id!r} is in use by running requests")
+        eos = model.tokenizer.eos_token_id
+        eos = eos if eos in model.eos_token_ids else min(model.eos_token_ids, default=None)
+        encoded = []
+        for example in spec.examples:
+            prompt = model.chat_ids(example.prompt_messages)
+            answer = model.text_ids(example.answer, special=False)
+            ids, labels = encode_example(prompt, answer, eos, spec.max_tokens)
+            encoded.append((ids, labels, float(example.weight)))
+        if spec.shadow_id not in adapters.folders:
+            if spec.live_id in adapters.folders:
+                adapters.create(spec.shadow_id, like=spec.live_id)
+            else:
+                adapters.create(spec.shadow_id, rank=spec.rank, seed=spec.seed)
+        if spec.live_id in adapters.folders:
+            adapters.copy_weights(spec.live_id, spec.shadow_id)
+        adapters.folders[spec.shadow_id] = None
+        model.adapter_ids = tuple(adapters.ids())
+        trained = adapters.parameters_of(spec.shadow_id)
+        trained_ids = {id(p) for p in trained.values()}
+        for parameter in adapters.model.parameters():
+            parameter.requires_grad_(id(parameter) in trained_ids)
+        params = list(trained.values())
+        self.training = TrainingRun(
+            spec, encoded, TrainingPolicy(spec.latency_target_s), torch.optim.AdamW(params, lr=spec.lr,
+                                                                                     weight_decay=0.0),
+            params, random.Random(spec.seed),
+        )
+        self._train_job = job
+
+    def _training_step(self) -> None:
+        run, job, model = self.training, self._train_job, self.model
+        assert run is not None and job is not None and model is not None
+        if job.reply.cancelled:
+            self._end_training()
+            return
+        if not run.policy.may_step(len(self.queue), len(self.rows), self._last_decode_s, run.last_step_s):
+            run.yielded_rounds += 1
+            return
+        started = time.perf_counter()
+        batch = run.next_batch()
+        pad = model.tokenizer.pad_token_id
+        try:
+            with torch.enable_grad():
+                ids, mask, labels, weights = collate(batch, pad if pad is not None else 0, model.device)
+                output = model.runnable(
+                    input_ids=ids, attention_mask=mask, use_cache=False,
+                    **model.adapters.forward_kwargs([run.spec.shadow_id] * len(batch)),
+                )
+                loss = weighted_loss(output.logits, labels, weights)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {loss.item()}")
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+                run.optimizer.step()
+        except Exception as exc:  # only the shadow's tensors took gradients: serving goes on untouched
+            job.reply.send(AdapterError(f"training {run.spec.shadow_id!r} failed: {type(exc).__name__}: {exc}"))
+            self._end_training()
+            return
+        run.losses.append(float(loss.item()))
+        run.last_step_s = time.perf_counter() - started
+        job.reply.send((len(run.losses), run.losses[-1]))
+        if run.done:
+            job.reply.send(run.report())
+            self._end_training()
+
+    def _end_training(self) -> None:
+        if self.training is not None:
+            for parameter in self.training.params:
+                parameter.requires_grad_(False)
+                parameter.grad = None
+        self.training, self._train_job = None, None
 
     # Failure handling --------------------------------------------------------------------------
 
@@ -332,7 +443,8 @@ class Worker:
             self.model = load_model_state(self.config, reuse_identity=old.identity if old else None)
             if old is not None:
                 for adapter_id, folder in old.adapters.folders.items():
-                    self.model.adapters.load(adapter_id, folder)
+                    if folder is not None:  # adapters only in memory (unsaved training) are lost
+                        self.model.adapters.load(adapter_id, folder)
                 self.model.adapter_ids = tuple(self.model.adapters.ids())
             self._batch = BatchCache(self.model.model.config)
             self._set_state("ready")
@@ -341,6 +453,9 @@ class Worker:
 
     def _fail_in_flight(self, error: EngineError) -> None:
         failing = [row.job for row in self.rows] + [row.job for row, _ in self._joining] + self._taken
+        if self._train_job is not None:
+            failing.append(self._train_job)
+            self._end_training()
         self.rows, self._taken, self._joining = [], [], []
         self.stats.requests_failed += len(failing)  # counted before the callers hear of it
         for job in failing:

@@ -1,0 +1,178 @@
+"""Shadow-adapter training inside the serving engine (CoLLM): the live adapter keeps answering while a
+shadow copy trains one optimizer step at a time between decode steps, and replaces it only when asked.
+
+Two timescales: the step budget (`TrainSpec.steps`) is the slow loop, set by whoever asks for training;
+`TrainingPolicy.may_step` is the fast loop, run before every step, and keeps inference within its latency
+target: a step is skipped (the worker "yields") while requests wait in the queue or while a step would
+push the running requests' time per token past the target.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequest
+
+MAX_TRAIN_EXAMPLES = 20_000
+MAX_TRAIN_STEPS = 100_000
+MAX_TRAIN_TOKENS = 512
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    prompt_messages: Sequence[dict[str, Any]]
+    answer: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    live_id: str
+    shadow_id: str
+    examples: Sequence[TrainExample]
+    steps: int
+    lr: float = 3e-4
+    batch_size: int = 4
+    rank: int = 8
+    seed: int = 0
+    # Longest a running request may wait per token because a training step ran beside it.
+    latency_target_s: float = 0.5
+    max_tokens: int = 256
+
+    def validate(self) -> TrainSpec:
+        if not self.examples:
+            raise InvalidRequest("training needs at least one example")
+        if len(self.examples) > MAX_TRAIN_EXAMPLES:
+            raise InvalidRequest(f"at most {MAX_TRAIN_EXAMPLES} training examples")
+        if not 0 < self.steps <= MAX_TRAIN_STEPS:
+            raise InvalidRequest(f"steps must be in 1..{MAX_TRAIN_STEPS}")
+        if not (0 < self.lr < 1) or not 0 < self.batch_size <= 64 or not 0 < self.rank <= 256:
+            raise InvalidRequest("lr must be in (0, 1), batch_size in 1..64, rank in 1..256")
+        if not self.latency_target_s > 0 or not 8 <= self.max_tokens <= MAX_TRAIN_TOKENS:
+            raise InvalidRequest(f"latency_target_s must be positive and max_tokens in 8..{MAX_TRAIN_TOKENS}")
+        if self.live_id == self.shadow_id:
+            raise InvalidRequest("the shadow must have another id than the live adapter")
+        for example in self.examples:
+            if not isinstance(example.answer, str) or not example.answer:
+                raise InvalidRequest("every example needs a non-empty answer")
+            if not (example.weight >= 0 and math.isfinite(example.weight)):
+                raise InvalidRequest("example weights must be finite and non-negative")
+        if not any(e.weight > 0 for e in self.examples):
+            raise InvalidRequest("at least one example must have a positive weight")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    steps: int
+    first_loss: float
+    last_loss: float
+    mean_loss: float
+    seconds: float
+    yielded_rounds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "mean_loss": self.mean_loss, "seconds": round(self.seconds, 3), "yielded_rounds": self.yielded_rounds}
+
+
+@dataclass
+class TrainingPolicy:
+    """The fast loop: may a training step run in this worker round?"""
+
+    latency_target_s: float
+
+    def may_step(self, queued: int, running_rows: int, decode_step_s: float, train_step_s: float) -> bool:
+        if queued > 0:
+            return False  # waiting requests are admitted first; training resumes once they run
+        if running_rows == 0:
+            return True
+        return decode_step_s + train_step_s <= self.latency_target_s
+
+
+@dataclass
+class TrainingRun:
+    """A training job's progress inside the worker."""
+
+    spec: TrainSpec
+    encoded: list[tuple[list[int], list[int], float]]  # (input ids, labels, weight)
+    policy: TrainingPolicy
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    rng: random.Random
+    started: float = field(default_factory=time.perf_counter)
+    losses: list[float] = field(default_factory=list)
+    yielded_rounds: int = 0
+    last_step_s: float = 0.0
+    _order: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.losses) >= self.spec.steps
+
+    def next_batch(self) -> list[tuple[list[int], list[int], float]]:
+        batch = []
+        while len(batch) < min(self.spec.batch_size, len(self.encoded)):
+            if not self._order:
+                self._order = list(range(len(self.encoded)))
+                self.rng.shuffle(self._order)
+            batch.append(self.encoded[self._order.pop()])
+        return batch
+
+    def report(self) -> TrainReport:
+        losses = self.losses or [float("nan")]
+        return TrainReport(len(self.losses), losses[0], losses[-1], sum(losses) / len(losses),
+                           time.perf_counter() - self.started, self.yielded_rounds)
+
+    def status(self) -> dict[str, Any]:
+        return {"shadow": self.spec.shadow_id, "live": self.spec.live_id, "steps_done": len(self.losses),
+                "steps": self.spec.steps, "last_loss": self.losses[-1] if self.losses else None,
+                "yielded_rounds": self.yielded_rounds}
+
+
+def encode_example(
+    prompt_ids: list[int], answer_ids: list[int], eos_id: int | None, max_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Input ids and labels: the loss falls on the answer (and the end-of-turn token) only. A long prompt is
+    cut from the left so that the answer always stays."""
+    answer = answer_ids + ([eos_id] if eos_id is not None else [])
+    answer = answer[: max_tokens - 1]
+    prompt = prompt_ids[-(max_tokens - len(answer)) :]
+    return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def collate(
+    batch: Sequence[tuple[list[int], list[int], float]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask, labels and per-row weights."""
+    width = max(len(ids) for ids, _, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (row_ids, row_labels, _) in enumerate(batch):
+        ids[row, : len(row_ids)] = torch.tensor(row_ids)
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+        mask[row, : len(row_ids)] = 1
+    weights = torch.tensor([w for _, _, w in batch], dtype=torch.float32)
+    return ids.to(device), mask.to(device), labels.to(device), weights.to(device)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each row's mean token loss, weighted: (1 - alpha) own data and alpha distilled answers mix this way."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counted = (shift_labels != IGNORE).float()
+    per_row = (per_token * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-8)
