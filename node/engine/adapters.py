@@ -11,7 +11,8 @@ from typing import Any
 from .errors import AdapterError, UnknownAdapter
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# peft names modules after adapters, and module names cannot hold a '.'.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class AdapterSet:
@@ -71,10 +72,13 @@ class AdapterSet:
                                 fan_in_fan_out="c_attn" in targets)
         config.inference_mode = False
         torch.manual_seed(seed)
-        if self._peft is None:
-            self._peft = get_peft_model(self.base_model, config, adapter_name=adapter_id)
-        else:
-            self._peft.add_adapter(adapter_id, config)
+        try:
+            if self._peft is None:
+                self._peft = get_peft_model(self.base_model, config, adapter_name=adapter_id)
+            else:
+                self._peft.add_adapter(adapter_id, config)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise AdapterError(f"cannot create adapter {adapter_id!r}: {exc}") from exc
         self._peft.eval()
         self.folders[adapter_id] = None
 
@@ -118,7 +122,7 @@ class AdapterSet:
 
     def _check_new_id(self, adapter_id: str) -> None:
         if not _ID.match(adapter_id) or adapter_id == BASE:
-            raise AdapterError(f"adapter id {adapter_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            raise AdapterError(f"adapter id {adapter_id!r} must be 1-64 letters, digits, '_' or '-'")
         if adapter_id in self.folders:
             raise AdapterError(f"adapter {adapter_id!r} is already loaded")
 

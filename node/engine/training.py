@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,11 @@ MAX_TRAIN_EXAMPLES = 20_000
 MAX_TRAIN_STEPS = 100_000
 MAX_TRAIN_TOKENS = 512
 IGNORE = -100
+
+# transformers 5 warns on every training forward through peft; it says nothing about this engine.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# peft moves its "active adapter" when one is unloaded; requests here name their adapter, so it never matters.
+warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -102,17 +102,20 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def grade(example: Example, output: str) -> bool:
-    """Lenient: the first line of the output, case and punctuation aside, must give the answer."""
+    """The last number (or word) on the first line of the output must be the answer: lenient about form
+    ("17 + 25 = 42", "The answer is 42."), strict about content (echoing the question does not pass)."""
     lines = [line for line in output.strip().splitlines() if line.strip()]
     first = lines[0].strip() if lines else ""
     expected = example.answer.strip()
     if _NUMBER.fullmatch(expected):
         numbers = _NUMBER.findall(first.replace(",", ""))
-        return bool(numbers) and float(numbers[0]) == float(expected)
+        return bool(numbers) and float(numbers[-1]) == float(expected)
     words = re.findall(r"[A-Za-z]+", first)
+    if not words:
+        return False
     if example.category == "strings":
-        return expected in words  # case matters for the capital-letters task
-    return expected.lower() in (w.lower() for w in words)
+        return words[-1] == expected  # case matters for the capital-letters task
+    return words[-1].lower() == expected.lower()
 
 
 def dirichlet_split(

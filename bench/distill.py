@@ -1,0 +1,241 @@
+"""Learning together: test accuracy per round for local-only training, random pairing and LinUCB pairing.
+
+    python bench/distill.py                       # reduced CPU configuration
+    python bench/distill.py --full --plot out.png # the full configuration (a CUDA GPU)
+
+N agents, each with a Dirichlet-skewed slice of a synthetic task family with checkable answers (arithmetic,
+unit conversion, string manipulation, day-of-week reasoning), each with its own LoRA adapter on the shipped
+SmolLM2. All three conditions start from the same locally trained adapters, use the same seeds and give every
+agent the same number of training steps a round:
+- local: every agent trains on its own data only;
+- random: disjoint pairs drawn at random; the student trains on (1 - alpha) own data + alpha teacher answers,
+  teachers and unpaired agents train on their own data;
+- linucb: pairs chosen by the LinUCB matchmaker (knexa.node.learn.rounds), rewarded with the students'
+  z-scored validation gains.
+A shadow adapter replaces the live one only if it validates better. The agents share one engine in this
+process (one adapter pair each); the same steps over the real mesh are tested in tests/test_learn_mesh.py.
+Accuracy is measured on a held-out test set of all categories, the mean over agents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from knexa.node.engine import Engine, EngineConfig
+from knexa.node.learn import agent as learner
+from knexa.node.learn import tasks
+from knexa.node.learn.linucb import Candidate, random_pairs
+from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
+
+CONDITIONS = ("local", "random", "linucb")
+REDUCED = dict(agents=4, rounds=3, per_category=24, test_per_category=8, transfer=16, teacher_tokens=32,
+               steps=12, warmup_steps=24, seeds=1, concurrency=8, max_batch=8)
+FULL = dict(agents=6, rounds=8, per_category=120, test_per_category=25, transfer=32, teacher_tokens=256,
+            steps=30, warmup_steps=60, seeds=2, concurrency=48, max_batch=48)
+
+
+@dataclass
+class Agent:
+    index: int
+    train: list[tasks.Example]
+    val: list[tasks.Example]
+    live: str = ""
+    evaluation: learner.Evaluation | None = None
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"agent{self.index}"
+
+    def candidate(self) -> Candidate:
+        from knexa.node.learn.linucb import profile_vector
+
+        ev = self.evaluation
+        assert ev is not None
+        return Candidate(self.name, profile_vector(ev.skills, ev.accuracy), ev.accuracy)
+
+
+def make_agents(args: argparse.Namespace, seed: int) -> tuple[list[Agent], list[tasks.Example]]:
+    pool = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.per_category, seed)]
+    shards = tasks.dirichlet_split(pool, args.agents, alpha=args.dirichlet, seed=seed)
+    agents = []
+    for i, shard in enumerate(shards):
+        train, val = tasks.split_train_val(shard, 0.25, seed=seed + i)
+        agents.append(Agent(i, train, val))
+    test = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.test_per_category, seed + 10_000)]
+    return agents, test
+
+
+def own_examples(a: Agent) -> list:
+    return learner.mixed_examples(a.train, [], alpha=0.0)
+
+
+async def train(engine: Engine, a: Agent, examples: list, steps: int, args: argparse.Namespace, seed: int
+                ) -> learner.TrainOutcome:
+    outcome = await learner.train_and_keep_if_better(
+        engine, a.live, examples, a.val, steps=steps, before=a.evaluation, lr=args.lr, batch_size=args.batch_size,
+        seed=seed, latency_target_s=10.0,
+    )
+    if outcome.swapped:
+        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+    return outcome
+
+
+async def run_condition(engine: Engine, condition: str, agents: list[Agent], test: list[tasks.Example],
+                        warm: Path, args: argparse.Namespace, seed: int) -> list[float]:
+    for a in agents:
+        a.live = f"{condition}{a.index}"
+        await engine.load_adapter(a.live, warm / a.name)
+        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+
+    async def test_accuracy() -> float:
+        scores = [(await learner.evaluate(engine, a.live, test)).accuracy for a in agents]
+        return statistics.fmean(scores)
+
+    curve = [await test_accuracy()]
+    state, rng = MatchmakerState.initial(), random.Random(seed)
+    for round_no in range(1, args.rounds + 1):
+        started = time.perf_counter()
+        candidates = [a.candidate() for a in agents]
+        if condition == "linucb":
+            state = next_plan(state, candidates, "bench", now_ms=round_no, round_deadline_s=1e6)
+            pairs = list(state.plan.pairs)
+        elif condition == "random":
+            pairs = random_pairs(candidates, rng)
+        else:
+            pairs = []
+        by_name = {a.name: a for a in agents}
+        students = {p.student: p for p in pairs}
+        rewards: dict[str, RewardReport] = {}
+        prompts = tasks.transfer_set(args.transfer, seed * 1000 + round_no)
+        for a in agents:
+            pair = students.get(a.name)
+            if pair is None:
+                examples = own_examples(a)
+            else:
+                teacher = by_name[pair.teacher]
+                answers = await learner.teacher_answers(engine, teacher.live, prompts, args.teacher_tokens,
+                                                        seed=seed * 7919 + round_no)
+                examples = learner.mixed_examples(a.train, list(zip(prompts, answers, strict=True)),
+                                                  alpha_for(round_no))
+            outcome = await train(engine, a, examples, args.steps, args, seed + round_no)
+            if pair is not None:
+                rewards[a.name] = RewardReport(round_no, a.name, pair.teacher, outcome.gain,
+                                               outcome.accuracy_after, outcome.swapped)
+        if condition == "linucb":
+            state, rejected = close_round(state, rewards)
+            assert not rejected, rejected
+        curve.append(await test_accuracy())
+        pairs_text = ", ".join(f"{p.teacher}->{p.student}" for p in pairs) or "-"
+        print(f"  {condition:6s} round {round_no}: test accuracy {curve[-1]:.3f}  pairs {pairs_text}  "
+              f"gains {[round(r.gain, 3) for r in rewards.values()]}  ({time.perf_counter() - started:.0f}s)",
+              flush=True)
+    for a in agents:
+        await engine.unload_adapter(a.live)
+        await engine.unload_adapter(learner.shadow_of(a.live))
+    return curve
+
+
+async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path) -> dict[str, list[float]]:
+    agents, test = make_agents(args, seed)
+    warm = scratch / f"warm-{seed}"
+    print(f"seed {seed}: {len(agents)} agents, train sizes {[len(a.train) for a in agents]}, "
+          f"test {len(test)}; local warm-up {args.warmup_steps} steps", flush=True)
+    for a in agents:
+        a.live = f"warm{a.index}"
+        await engine.ensure_adapter(a.live, seed=seed + a.index)
+        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+        await train(engine, a, own_examples(a), args.warmup_steps, args, seed)
+        await engine.save_adapter(a.live, warm / a.name)
+        await engine.unload_adapter(a.live)
+        await engine.unload_adapter(learner.shadow_of(a.live))
+    return {c: await run_condition(engine, c, agents, test, warm, args, seed) for c in args.conditions}
+
+
+async def main(args: argparse.Namespace) -> dict[str, list[list[float]]]:
+    config = EngineConfig(model=None if args.model == "embedded" else Path(args.model), device=args.device,
+                          max_batch=args.max_batch, max_queue=4 * args.max_batch, show_progress=True)
+    started = time.perf_counter()
+    curves: dict[str, list[list[float]]] = {c: [] for c in args.conditions}
+    with tempfile.TemporaryDirectory(prefix="knexa-distill-") as scratch:
+        async with Engine.open(config) as engine:
+            status = engine.status()
+            print(f"model {status['model']['name']} on {status['device']} ({status['dtype']})", flush=True)
+            learner.EVAL_CONCURRENCY = args.concurrency
+            for seed in range(args.seeds):
+                for condition, curve in (await run_seed(engine, args, seed, Path(scratch))).items():
+                    curves[condition].append(curve)
+    mean = {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
+    print(f"\nmean test accuracy over agents and {args.seeds} seed(s), per round (round 0 = after local warm-up):")
+    print("round  " + "  ".join(f"{c:>7s}" for c in args.conditions))
+    for r in range(args.rounds + 1):
+        print(f"{r:5d}  " + "  ".join(f"{mean[c][r]:7.3f}" for c in args.conditions))
+    base = mean.get("local", [0.0])[-1]
+    for c in args.conditions:
+        gain = mean[c][-1] - mean[c][0]
+        ratio = mean[c][-1] / base if base else float("nan")
+        print(f"{c:6s}: final {mean[c][-1]:.3f}, gain over warm-up {gain:+.3f}, final / local-only {ratio:.2f}")
+    print(f"total {time.perf_counter() - started:.0f}s")
+    return curves
+
+
+def write_outputs(curves: dict[str, list[list[float]]], args: argparse.Namespace) -> None:
+    mean = {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "curves": curves, "mean": mean}, indent=1))
+    if args.plot:
+        plot(mean, args)
+
+
+def plot(mean: dict[str, list[float]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for condition, values in mean.items():
+        ax.plot(range(len(values)), values, marker="o", label=condition)
+    ax.set_xlabel("round (0 = after local warm-up)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title(f"SmolLM2-135M, {args.agents} agents, {args.seeds} seed(s)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"plot written to {args.plot}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the full configuration (meant for a CUDA GPU)")
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--dirichlet", type=float, default=0.3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    for name, value in REDUCED.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"reduced: {value}, "
+                            f"full: {FULL[name]}")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    for name, value in (FULL if args.full else REDUCED).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    write_outputs(trio.run(main, arguments), arguments)

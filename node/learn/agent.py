@@ -1,0 +1,143 @@
+"""What one learning node does with its own engine: evaluate an adapter on its validation split, answer a
+transfer set as a teacher, and train a shadow copy of its live adapter, keeping it only if it validates
+better. Shared by the daemon's learning service and by bench/distill.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from knexa.node.engine import (
+    Engine,
+    EngineOverloaded,
+    GenerationRequest,
+    SamplingParams,
+    TrainExample,
+    TrainReport,
+    TrainSpec,
+)
+from knexa.node.learn.tasks import Example, grade, skill_scores
+
+EVAL_MAX_TOKENS = 16
+EVAL_CONCURRENCY = 8
+# KNEXA-FL's teacher sampling.
+TEACHER_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
+
+
+def user_turn(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    skills: dict[str, float]
+    results: tuple[tuple[Example, bool], ...]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    accuracy_before: float
+    accuracy_after: float
+    swapped: bool
+    report: TrainReport
+    skills: dict[str, float]
+
+    @property
+    def gain(self) -> float:
+        return self.accuracy_after - self.accuracy_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "gain": self.gain, "swapped": self.swapped, "training": self.report.to_dict(),
+                "skills": self.skills}
+
+
+async def _generate(engine: Engine, request: GenerationRequest) -> str:
+    """One generation; a full engine queue is waited out rather than failed (evaluation is background work)."""
+    while True:
+        try:
+            return (await engine.generate(request)).text
+        except EngineOverloaded:
+            await trio.sleep(0.05)
+
+
+async def _map_generate(engine: Engine, requests: Sequence[GenerationRequest]) -> list[str]:
+    outputs: list[str] = [""] * len(requests)
+    limit = trio.Semaphore(EVAL_CONCURRENCY)
+
+    async def one(i: int) -> None:
+        async with limit:
+            outputs[i] = await _generate(engine, requests[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(requests)):
+            nursery.start_soon(one, i)
+    return outputs
+
+
+async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Example],
+                   max_tokens: int = EVAL_MAX_TOKENS) -> Evaluation:
+    """Greedy answers, graded; accuracy overall and per category."""
+    params = SamplingParams(max_new_tokens=max_tokens)
+    requests = [GenerationRequest(messages=user_turn(e.prompt), params=params, adapter=adapter) for e in examples]
+    outputs = await _map_generate(engine, requests)
+    results = tuple((e, grade(e, out)) for e, out in zip(examples, outputs, strict=True))
+    accuracy = sum(ok for _, ok in results) / len(results) if results else 0.0
+    return Evaluation(accuracy, skill_scores(results), results)
+
+
+async def teacher_answers(engine: Engine, adapter: str | None, prompts: Sequence[str], max_tokens: int,
+                          seed: int) -> list[str]:
+    """The teacher's answers to the public transfer set, sampled as KNEXA-FL samples them."""
+    requests = [
+        GenerationRequest(messages=user_turn(p), adapter=adapter,
+                          params=SamplingParams(max_new_tokens=max_tokens, seed=seed + i, **TEACHER_SAMPLING))
+        for i, p in enumerate(prompts)
+    ]
+    return [text.strip() for text in await _map_generate(engine, requests)]
+
+
+def mixed_examples(own: Sequence[Example], distilled: Sequence[tuple[str, str]], alpha: float) -> list[TrainExample]:
+    """(1 - alpha) of the loss on the node's own data, alpha on the teacher's answers (each side's weight
+    shared among its examples, so the mix holds whatever the counts)."""
+    examples = [TrainExample(user_turn(e.prompt), e.answer, (1 - alpha) / max(1, len(own))) for e in own]
+    answered = [(p, a) for p, a in distilled if a.strip()]
+    examples += [TrainExample(user_turn(p), a, alpha / max(1, len(answered))) for p, a in answered]
+    return [e for e in examples if e.weight > 0]
+
+
+def shadow_of(live_id: str) -> str:
+    return f"{live_id}-shadow"
+
+
+async def train_and_keep_if_better(
+    engine: Engine,
+    live_id: str,
+    examples: Sequence[TrainExample],
+    validation: Sequence[Example],
+    *,
+    steps: int,
+    before: Evaluation | None = None,
+    lr: float = 3e-4,
+    batch_size: int = 4,
+    latency_target_s: float = 0.5,
+    seed: int = 0,
+) -> TrainOutcome:
+    """Train a shadow of the live adapter; it replaces the live one only if it validates strictly better."""
+    shadow_id = shadow_of(live_id)
+    await engine.ensure_adapter(live_id, seed=seed)
+    if before is None:
+        before = await evaluate(engine, live_id, validation)
+    report = await engine.train_shadow(TrainSpec(
+        live_id=live_id, shadow_id=shadow_id, examples=list(examples), steps=steps, lr=lr,
+        batch_size=batch_size, latency_target_s=latency_target_s, seed=seed,
+    ))
+    after = await evaluate(engine, shadow_id, validation)
+    swapped = after.accuracy > before.accuracy
+    if swapped:
+        await engine.promote_shadow(shadow_id, live_id)
+    return TrainOutcome(before.accuracy, after.accuracy, swapped, report, (after if swapped else before).skills)
