@@ -1,21 +1,36 @@
 """Shadow adapters trained inside the serving engine (CoLLM), on a tiny random model: training never
 interrupts serving, never touches the live adapter or the base, and replaces the live adapter only when
-promoted."""
+promoted. The policy and the batch building are pure and tested without a model."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 from pathlib import Path
 
 import pytest
 import torch
 import trio
 
-from knexa.node.engine import AdapterBusy, Engine, InvalidRequest, TrainExample, TrainSpec
-from knexa.node.engine.training import TrainingPolicy, encode_example
-from tests.engine_helpers import engine_config, greedy, shared_tiny_model, weights_checksum
+from knexa.node.engine import (
+    AdapterBusy,
+    AdapterError,
+    Engine,
+    EngineCrashed,
+    GenerationResult,
+    InvalidRequest,
+    TextDelta,
+    TrainExample,
+    TrainSpec,
+    UnknownAdapter,
+)
+from knexa.node.engine.errors import InvalidMessages
+from knexa.node.engine.training import IGNORE, TrainingPolicy, TrainingRun, collate, encode_example, weighted_loss
+from tests.engine_helpers import engine_config, eventually, greedy, shared_tiny_model
 
+QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
-EXAMPLES = [TrainExample([{"role": "user", "content": "What is the capital of France?"}], ANSWER)]
+EXAMPLES = [TrainExample([{"role": "user", "content": QUESTION}], ANSWER)]
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +38,22 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_tiny_model(tmp_path_factory, "llama")
 
 
-def lora_checksum(engine: Engine, adapter_id: str) -> float:
-    tensors = engine._worker.model.adapters.parameters_of(adapter_id)
-    with torch.no_grad():
-        return float(sum(t.double().abs().sum() for t in tensors.values()))
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of the exact bytes of named tensors: equal digests mean bit-identical weights."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        sha.update(name.encode())
+        sha.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def base_digest(engine: Engine) -> str:
+    model = engine._worker.model.adapters.model
+    return digest({name: p for name, p in model.named_parameters() if "lora_" not in name})
+
+
+def lora_digest(engine: Engine, adapter_id: str) -> str:
+    return digest(engine._worker.model.adapters.parameters_of(adapter_id))
 
 
 def spec(steps: int, **fields: object) -> TrainSpec:
@@ -35,36 +62,92 @@ def spec(steps: int, **fields: object) -> TrainSpec:
     return TrainSpec(**settings)
 
 
-def test_policy_yields_to_waiting_requests_and_to_the_latency_target() -> None:
+# The fast loop, pure ------------------------------------------------------------------------------------
+
+
+def test_policy_yields_to_waiting_requests_and_fits_training_in_the_latency_target() -> None:
     policy = TrainingPolicy(latency_target_s=0.5)
-    assert policy.may_step(queued=0, running_rows=0, decode_step_s=0.0, train_step_s=2.0)  # idle: train
-    assert not policy.may_step(queued=1, running_rows=0, decode_step_s=0.0, train_step_s=0.0)
-    assert policy.may_step(queued=0, running_rows=3, decode_step_s=0.1, train_step_s=0.3)
-    assert not policy.may_step(queued=0, running_rows=3, decode_step_s=0.1, train_step_s=0.5)
+    # Idle: the whole rest of the step, however slow.
+    assert policy.examples_this_round(queued=0, running_rows=0, decode_step_s=0.0, example_s=9.0, remaining=4) == 4
+    # Anything waiting in the queue: yield, even when idle otherwise.
+    assert policy.examples_this_round(queued=1, running_rows=0, decode_step_s=0.0, example_s=None, remaining=4) == 0
+    assert policy.examples_this_round(queued=2, running_rows=3, decode_step_s=0.01, example_s=0.01, remaining=4) == 0
+    # Beside running requests: one example to measure, then what fits next to the decode step.
+    assert policy.examples_this_round(queued=0, running_rows=3, decode_step_s=0.1, example_s=None, remaining=4) == 1
+    assert policy.examples_this_round(queued=0, running_rows=3, decode_step_s=0.1, example_s=0.15, remaining=4) == 2
+    assert policy.examples_this_round(queued=0, running_rows=3, decode_step_s=0.1, example_s=0.01, remaining=3) == 3
+    assert policy.examples_this_round(queued=0, running_rows=3, decode_step_s=0.1, example_s=0.5, remaining=4) == 0
+    assert policy.examples_this_round(queued=0, running_rows=1, decode_step_s=0.6, example_s=0.01, remaining=4) == 0
 
 
-def test_loss_falls_on_the_answer_only() -> None:
+def test_a_step_in_pieces_covers_its_batch_once_and_divides_by_the_whole_weight() -> None:
+    encoded = [([1, 2, i], [IGNORE, 2, i], float(i + 1)) for i in range(5)]
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    run = TrainingRun(spec(3, batch_size=4), encoded, TrainingPolicy(0.5), torch.optim.AdamW([parameter]),
+                      [parameter], random.Random(0))
+    assert run.remaining_in_step == 4
+    first, weight = run.take_piece(1)
+    assert not run.piece_done(0.25, 1, 0.2) and run.remaining_in_step == 3 and run.example_s == pytest.approx(0.2)
+    rest, same_weight = run.take_piece(10)
+    assert run.piece_done(0.5, 3, 0.3) and not run.done
+    run.step_done()
+    assert len(first + rest) == 4 and len({tuple(ids) for ids, _, _ in first + rest}) == 4
+    assert weight == same_weight == sum(w for _, _, w in first + rest)
+    assert run.losses == [0.75]
+    # Every example comes once per pass over the data before any comes again.
+    seen = [ids[-1] for ids, _, _ in first + rest] + [ids[-1] for ids, _, _ in run.take_piece(4)[0]]
+    assert sorted(seen[:5]) == [0, 1, 2, 3, 4]
+
+
+def test_weighted_loss_in_pieces_equals_the_whole_batch_and_weights_scale_rows() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    labels = torch.tensor([[IGNORE, IGNORE, 4, 5, 6], [IGNORE, 3, 3, IGNORE, IGNORE], [IGNORE, 1, 2, 3, 4]])
+    weights = torch.tensor([1.0, 0.0, 3.0])
+    whole = weighted_loss(logits, labels, weights)
+    pieces = sum(weighted_loss(logits[i : i + 1], labels[i : i + 1], weights[i : i + 1], 4.0) for i in range(3))
+    assert float(pieces) == pytest.approx(float(whole))
+    # A weight-0 row adds nothing; the rest is the weighted mean of row means.
+    without = weighted_loss(logits[[0, 2]], labels[[0, 2]], weights[[0, 2]])
+    assert float(without) == pytest.approx(float(whole))
+
+
+def test_loss_falls_on_the_answer_and_its_end_only_and_long_prompts_are_cut_from_the_left() -> None:
     ids, labels = encode_example([1, 2, 3], [7, 8], eos_id=9, max_tokens=64)
     assert ids == [1, 2, 3, 7, 8, 9] and labels == [-100, -100, -100, 7, 8, 9]
     ids, labels = encode_example(list(range(100)), [7, 8], eos_id=9, max_tokens=8)
-    assert len(ids) == 8 and ids[-3:] == [7, 8, 9] and labels[:5] == [-100] * 5
+    assert len(ids) == 8 and ids[-3:] == [7, 8, 9] and labels[:5] == [-100] * 5 and ids[0] == 95
+    ids, labels = encode_example([1, 2], list(range(50)), eos_id=None, max_tokens=10)
+    assert len(ids) == 10 and ids[0] == 2 and labels[0] == IGNORE and labels[1:] == list(range(9))
+    batch_ids, mask, batch_labels, weights = collate([([1, 2, 3], [IGNORE, 2, 3], 1.0), ([4], [4], 0.5)], 0,
+                                                     torch.device("cpu"))
+    assert batch_ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch_labels.tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]] and weights.tolist() == [1.0, 0.5]
+
+
+# In the engine ------------------------------------------------------------------------------------------
 
 
 async def test_shadow_learns_while_live_and_base_stay_bit_identical(tiny_llama_dir: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         await engine.ensure_adapter("live", seed=1)
-        await engine.ensure_adapter("live")  # already there: nothing happens
-        base, live = weights_checksum(engine._worker.model.model), lora_checksum(engine, "live")
-        before = await engine.generate(greedy("What is the capital of France?", 16, adapter="live"))
+        await engine.ensure_adapter("live", seed=2)  # already there: nothing happens
+        base, live = base_digest(engine), lora_digest(engine, "live")
+        before = await engine.generate(greedy(QUESTION, 16, adapter="live"))
         seen: list[tuple[int, float]] = []
         report = await engine.train_shadow(spec(30), progress=lambda step, loss: seen.append((step, loss)))
-        assert report.steps == 30 and len(seen) == 30
-        assert report.last_loss < report.first_loss / 2
-        assert weights_checksum(engine._worker.model.model) == base
-        assert lora_checksum(engine, "live") == live
-        assert (await engine.generate(greedy("What is the capital of France?", 16, adapter="live"))).token_ids \
-            == before.token_ids
+        assert report.steps == 30 and [step for step, _ in seen] == list(range(1, 31))
+        assert report.last_loss < report.first_loss / 2 and report.yielded_rounds == 0
+        assert base_digest(engine) == base and lora_digest(engine, "live") == live
+        assert lora_digest(engine, "shadow") != live
+        assert (await engine.generate(greedy(QUESTION, 16, adapter="live"))).token_ids == before.token_ids
         assert sorted(engine.adapters()) == ["live", "shadow"]
+        status = engine.status()
+        assert status["training"] is None and status["last_training"]["outcome"] == "done"
+        assert status["last_training"]["steps_done"] == 30
+        # A second training starts again from live's weights, not from where the shadow got to.
+        again = await engine.train_shadow(spec(1))
+        assert again.first_loss == pytest.approx(report.first_loss, rel=1e-4)
 
 
 async def test_requests_are_answered_while_the_shadow_trains(tiny_llama_dir: Path) -> None:
@@ -81,14 +164,14 @@ async def test_requests_are_answered_while_the_shadow_trains(tiny_llama_dir: Pat
                 done.set()
 
             nursery.start_soon(train)
-            with trio.fail_after(60):
-                while not progress:  # noqa: ASYNC110 - the worker reports progress through the loop
-                    await trio.sleep(0.01)
+            await eventually(lambda: bool(progress), timeout_s=60)
             for prompt in ("The quick brown fox", "Peers exchange caches"):
                 result = await engine.generate(greedy(prompt, 8, adapter="live"))
                 assert result.token_ids
                 status = engine.status()["training"]
                 finished_with_steps_left.append(400 - status["steps_done"] if status else 0)
+            with pytest.raises(AdapterBusy):  # its weights move between decode steps
+                await engine.generate(greedy("The quick brown fox", 8, adapter="shadow"))
             await done.wait()
         assert all(left > 0 for left in finished_with_steps_left), finished_with_steps_left
 
@@ -102,7 +185,7 @@ async def test_training_yields_while_requests_queue(tiny_llama_dir: Path) -> Non
                 reports.append(await engine.train_shadow(spec(60, latency_target_s=10.0)))
 
             nursery.start_soon(train)
-            await trio.sleep(0.05)
+            await eventually(lambda: engine.status()["training"] is not None)
             for i in range(6):  # one batch row: the others wait in the queue, and training gives way
                 nursery.start_soon(engine.generate, greedy(f"The quick brown fox {i}", 24, adapter="live"))
         assert reports[0].steps == 60 and reports[0].yielded_rounds > 0
@@ -110,50 +193,166 @@ async def test_training_yields_while_requests_queue(tiny_llama_dir: Path) -> Non
 
 async def test_promote_replaces_live_atomically_and_save_reload_reproduces(tiny_llama_dir: Path,
                                                                            tmp_path: Path) -> None:
-    prompt = "What is the capital of France?"
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         await engine.ensure_adapter("live", seed=1)
         await engine.train_shadow(spec(40))
-        shadow_out = await engine.generate(greedy(prompt, 16, adapter="shadow"))
-        live_out = await engine.generate(greedy(prompt, 16, adapter="live"))
+        shadow_out = await engine.generate(greedy(QUESTION, 16, adapter="shadow"))
+        live_out = await engine.generate(greedy(QUESTION, 16, adapter="live"))
         assert shadow_out.token_ids != live_out.token_ids
+        shadow = lora_digest(engine, "shadow")
         await engine.promote_shadow("shadow", "live")
-        assert (await engine.generate(greedy(prompt, 16, adapter="live"))).token_ids == shadow_out.token_ids
+        assert lora_digest(engine, "live") == shadow == lora_digest(engine, "shadow")
+        assert (await engine.generate(greedy(QUESTION, 16, adapter="live"))).token_ids == shadow_out.token_ids
         await engine.save_adapter("live", tmp_path / "live")
         assert (tmp_path / "live" / "adapter_model.safetensors").is_file()
+        assert sorted(p.name for p in (tmp_path / "live").iterdir()) == ["adapter_config.json",
+                                                                         "adapter_model.safetensors"]
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         await engine.load_adapter("restored", tmp_path / "live")
-        assert (await engine.generate(greedy(prompt, 16, adapter="restored"))).token_ids == shadow_out.token_ids
+        assert (await engine.generate(greedy(QUESTION, 16, adapter="restored"))).token_ids == shadow_out.token_ids
+
+
+async def test_a_request_decoding_during_promotion_finishes_on_the_weights_it_started_with(
+    tiny_llama_dir: Path,
+) -> None:
+    prompt = "The quick brown fox"
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.ensure_adapter("live", seed=1)
+        await engine.train_shadow(spec(40))
+        old = await engine.generate(greedy(prompt, 200, adapter="live"))
+        new = await engine.generate(greedy(prompt, 200, adapter="shadow"))
+        assert old.token_ids != new.token_ids and len(old.token_ids) > 20
+        async with engine.stream(greedy(prompt, 200, adapter="live")) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    await engine.promote_shadow("shadow", "live")
+                    break
+            # The promotion found the request running: it now decodes with a hidden copy of the old weights.
+            assert engine._worker.model.adapters.retired
+            result = [event async for event in events if isinstance(event, GenerationResult)][0]
+        assert result.token_ids == old.token_ids and result.adapter == "live"
+        assert (await engine.generate(greedy(prompt, 200, adapter="live"))).token_ids == new.token_ids
+        assert not engine._worker.model.adapters.retired and sorted(engine.adapters()) == ["live", "shadow"]
 
 
 async def test_a_cancelled_training_stops_and_leaves_serving_intact(tiny_llama_dir: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         await engine.ensure_adapter("live", seed=1)
-        live = lora_checksum(engine, "live")
+        base, live = base_digest(engine), lora_digest(engine, "live")
         with trio.move_on_after(0.3):
             await engine.train_shadow(spec(100_000))
-        with trio.fail_after(30):
-            while engine.status()["training"] is not None:  # noqa: ASYNC110 - the worker notices at its next step
-                await trio.sleep(0.01)
-        assert lora_checksum(engine, "live") == live
+        await eventually(lambda: engine.status()["training"] is None)  # the worker notices at its next round
+        assert engine.status()["last_training"]["outcome"] == "cancelled"
+        assert lora_digest(engine, "live") == live and base_digest(engine) == base
         assert (await engine.generate(greedy("The quick brown fox", 8, adapter="live"))).token_ids
         report = await engine.train_shadow(spec(3))  # a new training may start
         assert report.steps == 3
 
 
-async def test_bad_training_requests_are_refused(tiny_llama_dir: Path) -> None:
+async def test_a_failing_training_step_fails_the_training_only(tiny_llama_dir: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
-        for bad in (spec(0), spec(5, examples=[]), spec(5, shadow_id="live"), spec(5, lr=5.0),
+        await engine.ensure_adapter("live", seed=1)
+        base, live = base_digest(engine), lora_digest(engine, "live")
+        reference = await engine.generate(greedy("The quick brown fox", 40, adapter="live"))
+        results: list[GenerationResult] = []
+        async with trio.open_nursery() as nursery:
+            async def serve() -> None:
+                results.append(await engine.generate(greedy("The quick brown fox", 40, adapter="live")))
+
+            progress: list[int] = []
+            nursery.start_soon(serve)
+            engine.inject_fault("simulated failure in backward", during="training")
+            with pytest.raises(AdapterError, match="simulated failure in backward"):
+                await engine.train_shadow(spec(1000), progress=lambda step, loss: progress.append(step))
+        assert results[0].token_ids == reference.token_ids
+        status = engine.status()
+        assert status["state"] == "ready" and status["requests_failed"] == 0
+        assert status["last_training"]["outcome"] == "failed"
+        assert lora_digest(engine, "live") == live and base_digest(engine) == base
+        assert (await engine.train_shadow(spec(2))).steps == 2
+
+
+async def test_a_model_crash_during_training_keeps_the_adapters_made_in_memory(tiny_llama_dir: Path) -> None:
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.ensure_adapter("live", seed=1)
+        await engine.train_shadow(spec(20))
+        await engine.promote_shadow("shadow", "live")
+        live = lora_digest(engine, "live")
+        reference = await engine.generate(greedy(QUESTION, 16, adapter="live"))
+        async with trio.open_nursery() as nursery:
+            failures: list[Exception] = []
+
+            async def train() -> None:
+                try:
+                    await engine.train_shadow(spec(100_000))
+                except EngineCrashed as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(train)
+            await eventually(lambda: engine.status()["training"] is not None)
+            engine.inject_fault("simulated kernel failure")
+            with pytest.raises(EngineCrashed):
+                await engine.generate(greedy("The quick brown fox", 8, adapter="live"))
+        assert len(failures) == 1
+        await engine.wait_ready(60)
+        # The reload brought back the promoted live adapter and the shadow, not only adapters from folders.
+        assert sorted(engine.adapters()) == ["live", "shadow"] and lora_digest(engine, "live") == live
+        assert (await engine.generate(greedy(QUESTION, 16, adapter="live"))).token_ids == reference.token_ids
+        assert (await engine.train_shadow(spec(2))).steps == 2
+
+
+async def test_adapters_come_and_go_while_the_shadow_trains(tiny_llama_dir: Path) -> None:
+    """peft hands requires_grad to its 'active' adapter when that one is unloaded; training carries on."""
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.ensure_adapter("live", seed=1)
+        reports = []
+        async with trio.open_nursery() as nursery:
+            async def train() -> None:
+                reports.append(await engine.train_shadow(spec(150)))
+
+            nursery.start_soon(train)
+            await eventually(lambda: engine.status()["training"] is not None)
+            await engine.ensure_adapter("other", seed=3)
+            await engine.unload_adapter("live")  # peft's active adapter
+            assert engine.status()["training"] is not None
+            other = lora_digest(engine, "other")
+        assert reports[0].steps == 150 and reports[0].last_loss < reports[0].first_loss / 2
+        assert lora_digest(engine, "other") == other
+        assert sorted(engine.adapters()) == ["other", "shadow"]
+
+
+async def test_bad_training_requests_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        for bad in (spec(0), spec(-3), spec(5, examples=[]), spec(5, shadow_id="live"), spec(5, lr=5.0),
+                    spec(5, batch_size=0), spec(5, latency_target_s=0.0),
                     spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "")]),
-                    spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "y", weight=-1)])):
+                    spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "y", weight=-1)]),
+                    spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "y", weight=0)]),
+                    spec(5, examples=[TrainExample([{"role": "user"}], "y")]),
+                    spec(5, examples=[("x", "y")])):
             with pytest.raises(InvalidRequest):
                 await engine.train_shadow(bad)
+        with pytest.raises(InvalidMessages):
+            await engine.train_shadow(spec(5, examples=[TrainExample("not a list", "y")]))  # type: ignore[arg-type]
+        with pytest.raises(AdapterError):  # not a valid adapter id
+            await engine.train_shadow(spec(5, shadow_id="bad.id"))
+        for call in (engine.promote_shadow("nope", "live"), engine.save_adapter("nope", tmp_path / "x")):
+            with pytest.raises(UnknownAdapter):
+                await call
+        with pytest.raises(InvalidRequest):
+            await engine.ensure_adapter("live", rank=0)
+        await engine.ensure_adapter("small", rank=2)
+        await engine.ensure_adapter("big", rank=4)
+        with pytest.raises(AdapterError, match="different shapes"):
+            await engine.promote_shadow("small", "big")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(engine.train_shadow, spec(200))
-            await trio.sleep(0.2)
+            nursery.start_soon(engine.train_shadow, spec(100_000))
+            await eventually(lambda: engine.status()["training"] is not None)
             with pytest.raises(AdapterBusy):
                 await engine.train_shadow(spec(5, live_id="x", shadow_id="y"))
-            with pytest.raises(AdapterBusy):
-                await engine.unload_adapter("shadow")
+            for busy in (engine.unload_adapter("shadow"), engine.promote_shadow("shadow", "live")):
+                with pytest.raises(AdapterBusy):
+                    await busy
             nursery.cancel_scope.cancel()
+        assert not (tmp_path / "x").exists()
         assert (await engine.generate(greedy("The quick brown fox", 4))).token_ids

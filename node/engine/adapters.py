@@ -24,6 +24,9 @@ class AdapterSet:
         self._peft: Any = None
         # None for adapters made in memory (created or trained here) and not saved since.
         self.folders: dict[str, Path | None] = {}
+        # Hidden copies of replaced weights that running requests still decode with (see retire()).
+        self.retired: set[str] = set()
+        self._retired_count = 0
 
     @property
     def model(self) -> Any:
@@ -56,16 +59,23 @@ class AdapterSet:
         self._peft.eval()
         self.folders[adapter_id] = folder
 
-    def create(self, adapter_id: str, rank: int = 8, seed: int = 0, like: str | None = None) -> None:
+    def create(
+        self, adapter_id: str, rank: int = 8, seed: int = 0, like: str | None = None, config: Any = None
+    ) -> None:
         """A new LoRA adapter in memory: B starts at zero, so it changes nothing until trained. `like` copies
-        another adapter's configuration (rank, targets) instead."""
+        another adapter's configuration (rank, targets), `config` takes a LoraConfig as it is."""
+        self._check_new_id(adapter_id)
+        self._add(adapter_id, rank, seed, like, config)
+        self.folders[adapter_id] = None
+
+    def _add(self, adapter_id: str, rank: int, seed: int, like: str | None, config: Any) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        self._check_new_id(adapter_id)
         if like is not None:
-            self.check(like)
             config = copy.deepcopy(self._peft.peft_config[like])
+        elif config is not None:
+            config = copy.deepcopy(config)
         else:
             targets = guess_target_modules(self.base_model)
             config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
@@ -80,11 +90,17 @@ class AdapterSet:
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise AdapterError(f"cannot create adapter {adapter_id!r}: {exc}") from exc
         self._peft.eval()
-        self.folders[adapter_id] = None
+
+    def config_of(self, adapter_id: str) -> Any:
+        self.check(adapter_id)
+        return self._peft.peft_config[adapter_id]
 
     def parameters_of(self, adapter_id: str) -> dict[str, Any]:
         """The adapter's LoRA tensors by name with the adapter id taken out (same keys for every adapter)."""
         self.check(adapter_id)
+        return self._tensors(adapter_id)
+
+    def _tensors(self, adapter_id: str) -> dict[str, Any]:
         marker = f".{adapter_id}."
         return {
             name.replace(marker, ".@."): parameter
@@ -94,14 +110,58 @@ class AdapterSet:
 
     def copy_weights(self, source: str, target: str) -> None:
         """Overwrite target's LoRA tensors with source's, in place (callers see the change at once)."""
+        self.check(source)
+        self.check(target)
+        self._copy(self._tensors(source), target)
+
+    def _copy(self, src: dict[str, Any], target: str) -> None:
         import torch
 
-        src, dst = self.parameters_of(source), self.parameters_of(target)
+        dst = self._tensors(target)
         if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
-            raise AdapterError(f"adapters {source!r} and {target!r} have different shapes")
+            raise AdapterError(f"adapter {target!r} has another shape than the weights copied into it")
         with torch.no_grad():
             for name, tensor in src.items():
                 dst[name].copy_(tensor)
+
+    def same_shape(self, first: str, second: str) -> bool:
+        a, b = self.parameters_of(first), self.parameters_of(second)
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+    def is_finite(self, adapter_id: str) -> bool:
+        import torch
+
+        return all(bool(torch.isfinite(t).all()) for t in self.parameters_of(adapter_id).values())
+
+    def retire(self, adapter_id: str) -> str:
+        """A hidden copy of the adapter's current weights, under a name no request can use: requests already
+        decoding with the adapter switch to it before its weights are replaced, and so finish with the weights
+        they started on. drop_retired() removes it once no request uses it."""
+        self.check(adapter_id)
+        self._retired_count += 1
+        hidden = f"{adapter_id}~{self._retired_count}"  # '~' is not allowed in adapter ids
+        self._add(hidden, 0, 0, adapter_id, None)
+        self.retired.add(hidden)
+        self._copy(self._tensors(adapter_id), hidden)
+        return hidden
+
+    def drop_retired(self, in_use: set[str | None]) -> None:
+        for hidden in sorted(self.retired - in_use):
+            self.retired.discard(hidden)
+            self._peft.delete_adapter(hidden)
+        if self._peft is not None and not self.folders and not self.retired:
+            self.base_model = self._peft.unload()
+            self._peft = None
+
+    def snapshot(self, adapter_id: str) -> tuple[Any, dict[str, Any]]:
+        """The adapter's configuration and a CPU copy of its tensors, for restore() into a reloaded model."""
+        return copy.deepcopy(self.config_of(adapter_id)), {
+            name: tensor.detach().to("cpu", copy=True) for name, tensor in self.parameters_of(adapter_id).items()
+        }
+
+    def restore(self, adapter_id: str, config: Any, tensors: dict[str, Any]) -> None:
+        self.create(adapter_id, config=config)
+        self._copy(tensors, adapter_id)
 
     def save(self, adapter_id: str, folder: Path) -> None:
         import shutil
@@ -129,7 +189,7 @@ class AdapterSet:
     def unload(self, adapter_id: str) -> None:
         self.check(adapter_id)
         del self.folders[adapter_id]
-        if not self.folders:
+        if not self.folders and not self.retired:
             # unload() strips the LoRA layers and hands back the untouched base modules.
             self.base_model = self._peft.unload()
             self._peft = None

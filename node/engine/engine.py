@@ -218,18 +218,25 @@ class Engine:
         return await self._call(AdapterJob(reply=_TrioReply(), action="unload", adapter_id=adapter_id))
 
     async def ensure_adapter(self, adapter_id: str, rank: int = 8, seed: int = 0) -> None:
-        """A fresh in-memory LoRA adapter under adapter_id (B = 0: it changes nothing yet), unless one is loaded."""
-        if adapter_id not in self.adapters():
-            await self._call(AdapterJob(reply=_TrioReply(), action="create", adapter_id=adapter_id, rank=rank,
-                                        seed=seed))
+        """A fresh in-memory LoRA adapter under adapter_id, unless one is loaded: rank `rank`, alpha 2 * rank,
+        on the attention projections (q/k/v/o, or GPT-2's c_attn/c_proj); B = 0, so it changes nothing yet;
+        A drawn from `seed`."""
+        if not isinstance(rank, int) or not 0 < rank <= 256:
+            raise InvalidRequest("rank must be in 1..256")
+        await self._call(AdapterJob(reply=_TrioReply(), action="ensure", adapter_id=adapter_id, rank=rank, seed=seed))
 
     async def train_shadow(
         self, spec: TrainSpec, progress: Callable[[int, float], None] | None = None
     ) -> TrainReport:
-        """Train spec.shadow_id, a copy of spec.live_id made at the start (or a fresh adapter if there is no
-        live one), while the engine keeps serving: one optimizer step between decode steps, skipped while
-        requests wait or while a step would push running requests past spec.latency_target_s per token.
-        Leaving early (cancellation) stops training at the next step; the live adapter is never touched."""
+        """Train spec.shadow_id, a copy of spec.live_id made at the start (or a fresh adapter of rank
+        spec.rank if there is no live one), while the engine keeps serving. Training runs in the worker between
+        decode steps: it yields while requests wait in the queue, and beside running requests only as many
+        examples go through as keep their time per token within spec.latency_target_s, so one optimizer step
+        may span several rounds; an idle engine trains without pause. `progress(step, loss)` is called on the
+        trio side after each optimizer step. Only the shadow's LoRA tensors change: the base weights and every
+        other adapter stay bit-identical. While it trains, requests naming the shadow get AdapterBusy. One
+        training at a time (AdapterBusy). Leaving early (cancellation) stops training at the next round and
+        keeps the shadow as it was; a failing step raises AdapterError and affects no request."""
         spec.validate()
         reply = self._submit(TrainJob(reply=_TrioReply(), spec=spec))
         try:
@@ -245,8 +252,10 @@ class Engine:
         raise EngineClosed("the training ended without a report")
 
     async def promote_shadow(self, shadow_id: str, live_id: str) -> None:
-        """Copy the shadow's weights over the live adapter's, atomically between two decode steps; requests
-        decoding with the live adapter continue on the new weights from their next token."""
+        """Copy the shadow's weights over the live adapter's (creating live if absent), atomically between
+        two decode steps: every request admitted afterwards gets the new weights, and requests already decoding
+        with the live adapter finish on the weights they started with (a hidden copy, dropped when they end).
+        AdapterError if the shadow has non-finite weights or another shape; AdapterBusy while it trains."""
         await self._call(AdapterJob(reply=_TrioReply(), action="promote", adapter_id=live_id, source=shadow_id))
 
     async def save_adapter(self, adapter_id: str, folder: str | Path) -> None:
@@ -276,6 +285,7 @@ class Engine:
             "torch_threads": worker.torch_threads,
             "adapters": list(model.adapter_ids) if model else [],
             "training": worker.training.status() if worker.training is not None else None,
+        "last_training": worker.last_training,
             "uptime_s": time.monotonic() - self._opened_at,
             **worker.stats.to_dict(),
         }
@@ -290,9 +300,12 @@ class Engine:
             self._tokenizer_copy = (model, copy.deepcopy(model.tokenizer))
         return self._tokenizer_copy[1]
 
-    def inject_fault(self, message: str = "injected fault", out_of_memory: bool = False) -> None:
-        """Test hook: the next decode step raises as if the model had crashed (or run out of memory)."""
-        self._worker.inject_fault(message, out_of_memory)
+    def inject_fault(
+        self, message: str = "injected fault", out_of_memory: bool = False, during: str = "decode"
+    ) -> None:
+        """Test hook: the next decode step (or, with during="training", the next training step) raises as if
+        the model had crashed (or run out of memory)."""
+        self._worker.inject_fault(message, out_of_memory, during)
 
     # Plumbing ------------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class ScoreJob(Job):
 
 @dataclass
 class AdapterJob(Job):
-    action: str  # "load", "unload", "create", "promote" (source -> adapter_id) or "save"
+    action: str  # "load", "unload", "create", "ensure" (create unless loaded), "promote" (source -> adapter_id), "save"
     adapter_id: str
     folder: str | None = None
     source: str | None = None
@@ -66,7 +66,7 @@ class AdapterJob(Job):
 
 @dataclass
 class TrainJob(Job):
-    """Runs beside the batch: one optimizer step per worker round while the policy allows. The reply gets
-    (steps done, loss) progress tuples, then the TrainReport."""
+    """Runs beside the batch: in each worker round as much of an optimizer step as the policy allows. The
+    reply gets a (steps done, loss) tuple after each optimizer step, then the TrainReport."""
 
     spec: TrainSpec

@@ -54,6 +54,9 @@ class Row:
     progress: RowProgress
     generator: torch.Generator | None
     next_token: int  # sampled, not yet fed through the model
+    # The adapter whose weights the row decodes with: the one it asked for, or a hidden copy of that one's
+    # weights from when it started, if they were replaced (promoted over) since.
+    weights: str | None
 
 
 class Worker:
@@ -72,8 +75,10 @@ class Worker:
         self._joining: list[tuple[Row, Pairs]] = []  # started (prefilled) but not yet in the batch
         self._crashes: deque[float] = deque()
         self._fault: tuple[str, bool] | None = None
+        self._train_fault: str | None = None
         self.training: TrainingRun | None = None
         self._train_job: TrainJob | None = None
+        self.last_training: dict[str, Any] | None = None  # how the last training ended, for status()
         self._last_decode_s = 0.0
         # Called in the worker thread after every state change; the engine forwards it to trio.
         self.on_state_change: Callable[[], None] = lambda: None
@@ -81,8 +86,11 @@ class Worker:
 
     # Called from the trio side -----------------------------------------------------------------
 
-    def inject_fault(self, message: str, out_of_memory: bool = False) -> None:
-        self._fault = (message, out_of_memory)
+    def inject_fault(self, message: str, out_of_memory: bool = False, during: str = "decode") -> None:
+        if during == "training":
+            self._train_fault = message
+        else:
+            self._fault = (message, out_of_memory)
 
     @property
     def active_rows(self) -> int:
@@ -166,7 +174,7 @@ class Worker:
         model = self.model
         assert model is not None
         request = job.request
-        model.adapters.check(request.adapter)
+        self._check_servable(request.adapter)
         past = None
         if job.imported_kv is not None:
             pairs, cached_ids = check_import(job.imported_kv, job.imported_metadata or {}, model.identity)
@@ -195,7 +203,7 @@ class Worker:
         logits, cache = model.forward_prompt(new_ids, past, request.adapter)
         generator = new_generator(request.params, model.device)
         token = pick_tokens(logits[-1:], [request.params], [generator])[0]
-        row = Row(job, progress, generator, token)
+        row = Row(job, progress, generator, token, request.adapter)
         if self._deliver(row, token):
             return None
         return row, cache
@@ -226,7 +234,7 @@ class Worker:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            **model.adapters.forward_kwargs([row.progress.adapter for row in rows]),
+            **model.adapters.forward_kwargs([row.weights for row in rows]),
         )
         batch.after_step(output.past_key_values)
         self.layout.advance()
@@ -243,6 +251,8 @@ class Worker:
             removal = self.layout.remove(leaving)
             batch.remove(removal)
             self.rows = [rows[i] for i in removal.keep]
+            if model.adapters.retired:
+                model.adapters.drop_retired({row.weights for row in self.rows})
 
     def _deliver(self, row: Row, token: int) -> bool:
         """Pass one token to the caller; True when the row is finished (and its result sent)."""
@@ -261,7 +271,7 @@ class Worker:
     def _prefill(self, job: PrefillJob) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         model = self.model
         assert model is not None
-        model.adapters.check(job.adapter)
+        self._check_servable(job.adapter)
         if job.messages is not None:
             token_ids = model.chat_ids(job.messages)
         else:
@@ -284,7 +294,7 @@ class Worker:
     def _score(self, job: ScoreJob) -> ScoreResult:
         model = self.model
         assert model is not None
-        model.adapters.check(job.adapter)
+        self._check_servable(job.adapter)
         prompt = model.token_ids_of(job.prompt, "prompt", special=True)
         completion = model.token_ids_of(job.completion, "completion", special=False)
         if not prompt or not completion:
@@ -304,6 +314,13 @@ class Worker:
             prompt_tokens=len(prompt),
         )
 
+    def _check_servable(self, adapter: str | None) -> None:
+        assert self.model is not None
+        self.model.adapters.check(adapter)
+        if self.training is not None and adapter == self.training.spec.shadow_id:
+            # Its weights change between decode steps: a request would see several versions of it.
+            raise AdapterBusy(f"adapter {adapter!r} is being trained; ask again when training has ended")
+
     def _adapter(self, job: AdapterJob) -> list[str]:
         model = self.model
         assert model is not None
@@ -322,17 +339,37 @@ class Worker:
             adapters.unload(job.adapter_id)
         elif job.action == "create":
             adapters.create(job.adapter_id, rank=job.rank, seed=job.seed)
-        elif job.action == "promote":
-            # Between decode steps, so atomic for every request: rows already decoding with the live
-            # adapter take their next token from the promoted weights.
+        elif job.action == "ensure":
             if job.adapter_id not in adapters.folders:
-                adapters.create(job.adapter_id, like=job.source)
-            adapters.copy_weights(job.source or "", job.adapter_id)
-            adapters.folders[job.adapter_id] = None  # the saved copy, if any, is out of date
+                adapters.create(job.adapter_id, rank=job.rank, seed=job.seed)
+        elif job.action == "promote":
+            self._promote(job.source or "", job.adapter_id)
         elif job.action == "save":
             adapters.save(job.adapter_id, Path(job.folder or ""))
         model.adapter_ids = tuple(model.adapters.ids())
         return list(model.adapter_ids)
+
+    def _promote(self, source: str, target: str) -> None:
+        """Between decode steps, so atomic for every request: requests admitted from now on get the new
+        weights; requests already decoding with the target finish on the weights they started with."""
+        adapters = self.model.adapters  # type: ignore[union-attr]
+        adapters.check(source)
+        if source == target:
+            raise InvalidRequest("promote needs two different adapters")
+        if not adapters.is_finite(source):
+            raise AdapterError(f"adapter {source!r} has non-finite weights; it cannot replace {target!r}")
+        if target not in adapters.folders:
+            adapters.create(target, like=source)
+        elif not adapters.same_shape(source, target):
+            raise AdapterError(f"adapters {source!r} and {target!r} have different shapes (rank or targets)")
+        started = [row for row in self.rows if row.weights == target]
+        started += [row for row, _ in self._joining if row.weights == target]
+        if started:
+            hidden = adapters.retire(target)
+            for row in started:
+                row.weights = hidden
+        adapters.copy_weights(source, target)
+        adapters.folders[target] = None  # the saved copy, if any, is out of date
 
     # Shadow training --------------------------------------------------------------------------
 
@@ -353,13 +390,16 @@ class Worker:
             answer = model.text_ids(example.answer, special=False)
             ids, labels = encode_example(prompt, answer, eos, spec.max_tokens)
             encoded.append((ids, labels, float(example.weight)))
+        live = spec.live_id if spec.live_id in adapters.folders else None
+        if spec.shadow_id in adapters.folders and live is not None and not adapters.same_shape(live, spec.shadow_id):
+            adapters.unload(spec.shadow_id)  # a shadow is a scratch copy: remade in the live adapter's shape
         if spec.shadow_id not in adapters.folders:
-            if spec.live_id in adapters.folders:
-                adapters.create(spec.shadow_id, like=spec.live_id)
+            if live is not None:
+                adapters.create(spec.shadow_id, like=live)
             else:
                 adapters.create(spec.shadow_id, rank=spec.rank, seed=spec.seed)
-        if spec.live_id in adapters.folders:
-            adapters.copy_weights(spec.live_id, spec.shadow_id)
+        if live is not None:
+            adapters.copy_weights(live, spec.shadow_id)
         adapters.folders[spec.shadow_id] = None
         model.adapter_ids = tuple(adapters.ids())
         trained = adapters.parameters_of(spec.shadow_id)
@@ -367,55 +407,78 @@ class Worker:
         for parameter in adapters.model.parameters():
             parameter.requires_grad_(id(parameter) in trained_ids)
         params = list(trained.values())
-        self.training = TrainingRun(
-            spec, encoded, TrainingPolicy(spec.latency_target_s), torch.optim.AdamW(params, lr=spec.lr,
-                                                                                     weight_decay=0.0),
-            params, random.Random(spec.seed),
-        )
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+        self.training = TrainingRun(spec, encoded, TrainingPolicy(spec.latency_target_s), optimizer, params,
+                                    random.Random(spec.seed))
         self._train_job = job
 
     def _training_step(self) -> None:
+        """As much of one optimizer step as the policy allows in this round; the step's last piece applies it."""
         run, job, model = self.training, self._train_job, self.model
         assert run is not None and job is not None and model is not None
         if job.reply.cancelled:
-            self._end_training()
+            self._end_training("cancelled")
             return
-        if not run.policy.may_step(len(self.queue), len(self.rows), self._last_decode_s, run.last_step_s):
+        count = run.policy.examples_this_round(
+            len(self.queue), len(self.rows), self._last_decode_s, run.example_s, run.remaining_in_step
+        )
+        if count == 0:
             run.yielded_rounds += 1
             return
         started = time.perf_counter()
-        batch = run.next_batch()
-        pad = model.tokenizer.pad_token_id
+        piece, step_weight = run.take_piece(count)
         try:
-            with torch.enable_grad():
-                ids, mask, labels, weights = collate(batch, pad if pad is not None else 0, model.device)
-                output = model.runnable(
-                    input_ids=ids, attention_mask=mask, use_cache=False,
-                    **model.adapters.forward_kwargs([run.spec.shadow_id] * len(batch)),
-                )
-                loss = weighted_loss(output.logits, labels, weights)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss is {loss.item()}")
-                run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            if self._train_fault is not None:
+                message, self._train_fault = self._train_fault, None
+                raise InjectedFault(message)
+            loss = self._train_piece(run, piece, step_weight)
+            if run.piece_done(loss, len(piece), time.perf_counter() - started):
                 torch.nn.utils.clip_grad_norm_(run.params, 1.0)
                 run.optimizer.step()
-        except Exception as exc:  # only the shadow's tensors took gradients: serving goes on untouched
+                run.optimizer.zero_grad(set_to_none=True)
+                run.step_done()
+            else:
+                return
+        except Exception as exc:  # only the shadow's tensors take gradients: serving goes on untouched
             job.reply.send(AdapterError(f"training {run.spec.shadow_id!r} failed: {type(exc).__name__}: {exc}"))
-            self._end_training()
+            self._end_training("failed")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             return
-        run.losses.append(float(loss.item()))
-        run.last_step_s = time.perf_counter() - started
         job.reply.send((len(run.losses), run.losses[-1]))
         if run.done:
             job.reply.send(run.report())
-            self._end_training()
+            self._end_training("done")
 
-    def _end_training(self) -> None:
-        if self.training is not None:
-            for parameter in self.training.params:
+    def _train_piece(self, run: TrainingRun, piece: list, step_weight: float) -> float:
+        """Forward and backward for some examples of a step; gradients add up in the shadow's tensors."""
+        model = self.model
+        assert model is not None
+        # peft moves requires_grad to its "active" adapter when that one is unloaded; only the shadow trains.
+        for parameter in run.params:
+            parameter.requires_grad_(True)
+        pad = model.tokenizer.pad_token_id
+        # The model stays in eval mode: peft refuses per-row adapter names in training mode, and the adapters
+        # made here have no dropout, so the step computes the same function that serving does.
+        with torch.enable_grad():
+            ids, mask, labels, weights = collate(piece, pad if pad is not None else 0, model.device)
+            output = model.runnable(
+                input_ids=ids, attention_mask=mask, use_cache=False,
+                **model.adapters.forward_kwargs([run.spec.shadow_id] * len(piece)),
+            )
+            loss = weighted_loss(output.logits, labels, weights, step_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the training loss is {loss.item()}")
+            loss.backward()
+        return float(loss.detach())
+
+    def _end_training(self, outcome: str) -> None:
+        run = self.training
+        if run is not None:
+            for parameter in run.params:
                 parameter.requires_grad_(False)
                 parameter.grad = None
+            self.last_training = {**run.status(), "outcome": outcome}
         self.training, self._train_job = None, None
 
     # Failure handling --------------------------------------------------------------------------
@@ -440,11 +503,14 @@ class Worker:
         # Anything else may have left modules half-updated: load the weights again, then the adapters.
         old = self.model
         try:
+            kept = _in_memory_adapters(old) if old is not None else {}
             self.model = load_model_state(self.config, reuse_identity=old.identity if old else None)
             if old is not None:
                 for adapter_id, folder in old.adapters.folders.items():
-                    if folder is not None:  # adapters only in memory (unsaved training) are lost
+                    if folder is not None:
                         self.model.adapters.load(adapter_id, folder)
+                    elif adapter_id in kept:
+                        self.model.adapters.restore(adapter_id, *kept[adapter_id])
                 self.model.adapter_ids = tuple(self.model.adapters.ids())
             self._batch = BatchCache(self.model.model.config)
             self._set_state("ready")
@@ -455,8 +521,10 @@ class Worker:
         failing = [row.job for row in self.rows] + [row.job for row, _ in self._joining] + self._taken
         if self._train_job is not None:
             failing.append(self._train_job)
-            self._end_training()
+            self._end_training("failed")
         self.rows, self._taken, self._joining = [], [], []
+        if self.model is not None and self.model.adapters.retired:
+            self.model.adapters.drop_retired(set())
         self.stats.requests_failed += len(failing)  # counted before the callers hear of it
         for job in failing:
             job.reply.send(error)
@@ -478,3 +546,17 @@ class Worker:
             job.reply.send(EngineDown(self.reason or "the engine is down"))
         return not self.queue.closed
 
+
+def _in_memory_adapters(old: ModelState) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+    """Adapters made or changed here and not saved since (created, trained, promoted over): a crash in the
+    batch does not write to LoRA tensors, so their weights are copied over to the reloaded model, unless
+    they are no longer finite."""
+    kept = {}
+    for adapter_id, folder in old.adapters.folders.items():
+        if folder is None:
+            try:
+                if old.adapters.is_finite(adapter_id):
+                    kept[adapter_id] = old.adapters.snapshot(adapter_id)
+            except Exception:  # noqa: BLE001 - an adapter that cannot be read is dropped, the rest are kept
+                continue
+    return kept

@@ -2,9 +2,11 @@
 shadow copy trains one optimizer step at a time between decode steps, and replaces it only when asked.
 
 Two timescales: the step budget (`TrainSpec.steps`) is the slow loop, set by whoever asks for training;
-`TrainingPolicy.may_step` is the fast loop, run before every step, and keeps inference within its latency
-target: a step is skipped (the worker "yields") while requests wait in the queue or while a step would
-push the running requests' time per token past the target.
+`TrainingPolicy.examples_this_round` is the fast loop, run in every worker round, and keeps inference within
+its latency target: training is skipped (the worker "yields") while requests wait in the queue, and beside
+running requests only as many examples go through forward and backward as fit in the target together with
+the decode step. One optimizer step may therefore span several rounds (gradient accumulation, with exactly
+the loss of the whole batch); an idle worker runs whole steps.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidRequest
+from .requests import validate_messages
 
 MAX_TRAIN_EXAMPLES = 20_000
 MAX_TRAIN_STEPS = 100_000
@@ -67,6 +70,9 @@ class TrainSpec:
         if self.live_id == self.shadow_id:
             raise InvalidRequest("the shadow must have another id than the live adapter")
         for example in self.examples:
+            if not isinstance(example, TrainExample):
+                raise InvalidRequest("examples must be TrainExample items")
+            validate_messages(list(example.prompt_messages))
             if not isinstance(example.answer, str) or not example.answer:
                 raise InvalidRequest("every example needs a non-empty answer")
             if not (example.weight >= 0 and math.isfinite(example.weight)):
@@ -92,16 +98,26 @@ class TrainReport:
 
 @dataclass
 class TrainingPolicy:
-    """The fast loop: may a training step run in this worker round?"""
+    """The fast loop: how much training may run in this worker round."""
 
     latency_target_s: float
 
-    def may_step(self, queued: int, running_rows: int, decode_step_s: float, train_step_s: float) -> bool:
+    def examples_this_round(
+        self, queued: int, running_rows: int, decode_step_s: float, example_s: float | None, remaining: int
+    ) -> int:
+        """Examples to put through forward and backward now (0: yield this round). `example_s` is the
+        measured time per training example (None before the first), `remaining` what is left of the step."""
         if queued > 0:
-            return False  # waiting requests are admitted first; training resumes once they run
+            return 0  # waiting requests are admitted first; training resumes once they run
         if running_rows == 0:
-            return True
-        return decode_step_s + train_step_s <= self.latency_target_s
+            return remaining  # nobody waits on this round: finish the step
+        if example_s is None:
+            return 1  # measure with the smallest piece before trusting the target
+        fitting = int((self.latency_target_s - decode_step_s) / max(example_s, 1e-9))
+        return max(0, min(remaining, fitting))
+
+
+Encoded = tuple[list[int], list[int], float]  # input ids, labels, weight
 
 
 @dataclass
@@ -109,7 +125,7 @@ class TrainingRun:
     """A training job's progress inside the worker."""
 
     spec: TrainSpec
-    encoded: list[tuple[list[int], list[int], float]]  # (input ids, labels, weight)
+    encoded: list[Encoded]
     policy: TrainingPolicy
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
@@ -117,21 +133,50 @@ class TrainingRun:
     started: float = field(default_factory=time.perf_counter)
     losses: list[float] = field(default_factory=list)
     yielded_rounds: int = 0
-    last_step_s: float = 0.0
+    example_s: float | None = None  # measured time per example through forward and backward
     _order: list[int] = field(default_factory=list)
+    # The optimizer step in progress: examples not yet through backward, its total weight, its loss so far.
+    pending: list[Encoded] = field(default_factory=list)
+    step_weight: float = 0.0
+    step_loss: float = 0.0
 
     @property
     def done(self) -> bool:
         return len(self.losses) >= self.spec.steps
 
-    def next_batch(self) -> list[tuple[list[int], list[int], float]]:
-        batch = []
+    def next_batch(self) -> list[Encoded]:
+        batch: list[Encoded] = []
         while len(batch) < min(self.spec.batch_size, len(self.encoded)):
             if not self._order:
                 self._order = list(range(len(self.encoded)))
                 self.rng.shuffle(self._order)
             batch.append(self.encoded[self._order.pop()])
         return batch
+
+    @property
+    def remaining_in_step(self) -> int:
+        return len(self.pending) if self.pending else min(self.spec.batch_size, len(self.encoded))
+
+    def take_piece(self, count: int) -> tuple[list[Encoded], float]:
+        """The next `count` examples of the current step (starting a new step if none is in progress) and
+        the step's total weight, which every piece's loss is divided by."""
+        if not self.pending:
+            self.pending = self.next_batch()
+            self.step_weight = sum(w for _, _, w in self.pending)
+            self.step_loss = 0.0
+        piece, self.pending = self.pending[:count], self.pending[count:]
+        return piece, self.step_weight
+
+    def piece_done(self, loss: float, examples: int, seconds: float) -> bool:
+        """Account for a piece that went through backward; True when the step's last piece did."""
+        self.step_loss += loss
+        per_example = seconds / max(1, examples)
+        # Smoothed: one slow piece (a long example, a busy core) should not stop training for long.
+        self.example_s = per_example if self.example_s is None else 0.7 * self.example_s + 0.3 * per_example
+        return not self.pending
+
+    def step_done(self) -> None:
+        self.losses.append(self.step_loss)
 
     def report(self) -> TrainReport:
         losses = self.losses or [float("nan")]
@@ -156,7 +201,7 @@ def encode_example(
 
 
 def collate(
-    batch: Sequence[tuple[list[int], list[int], float]], pad_id: int, device: torch.device
+    batch: Sequence[Encoded], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, labels and per-row weights."""
     width = max(len(ids) for ids, _, _ in batch)
@@ -171,8 +216,11 @@ def collate(
     return ids.to(device), mask.to(device), labels.to(device), weights.to(device)
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Each row's mean token loss, weighted: (1 - alpha) own data and alpha distilled answers mix this way."""
+def weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total_weight: float | None = None
+) -> torch.Tensor:
+    """Each row's mean token loss, weighted: (1 - alpha) own data and alpha distilled answers mix this way.
+    Divided by total_weight (the whole step's, when the step runs in pieces) or else by these rows' weight."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(
@@ -181,4 +229,5 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     ).view(shift_labels.shape)
     counted = (shift_labels != IGNORE).float()
     per_row = (per_token * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
-    return (per_row * weights).sum() / weights.sum().clamp(min=1e-8)
+    total = weights.sum() if total_weight is None else torch.tensor(total_weight, device=weights.device)
+    return (per_row * weights).sum() / total.clamp(min=1e-8)
