@@ -17,8 +17,10 @@ from knexa.node.engine import (
     AdapterError,
     Engine,
     EngineCrashed,
+    GenerationRequest,
     GenerationResult,
     InvalidRequest,
+    SamplingParams,
     TextDelta,
     TrainExample,
     TrainSpec,
@@ -356,3 +358,40 @@ async def test_bad_training_requests_are_refused(tiny_llama_dir: Path, tmp_path:
             nursery.cancel_scope.cancel()
         assert not (tmp_path / "x").exists()
         assert (await engine.generate(greedy("The quick brown fox", 4))).token_ids
+
+
+# The embedded SmolLM2 ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_data_dir(request: pytest.FixtureRequest) -> Path:
+    from knexa.node.engine import ensure_embedded_model
+
+    data_dir = Path(request.config.cache.mkdir("knexa-engine-data"))  # converted once per checkout
+    ensure_embedded_model(data_dir / "models", show_progress=False)
+    return data_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_smollm2_learns_arithmetic_answers_with_a_rank_8_shadow(smollm2_data_dir: Path, dtype: str) -> None:
+    from knexa.node.engine import EngineConfig
+
+    pairs = [(12, 7), (23, 19), (5, 48), (31, 30), (64, 17), (9, 9), (40, 2), (15, 26)]
+    examples = [TrainExample([{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}],
+                             str(a + b)) for a, b in pairs]
+    config = EngineConfig(data_dir=smollm2_data_dir, dtype=dtype, show_progress=False)
+    async with Engine.open(config) as engine:
+        assert engine.status()["dtype"] == dtype
+        await engine.ensure_adapter("live")
+        base, live = base_digest(engine), lora_digest(engine, "live")
+        train = TrainSpec("live", "shadow", examples, steps=20, lr=1e-3, batch_size=4)
+        report = await engine.train_shadow(train)
+        # peft keeps LoRA tensors in float32 on a bfloat16 base, so the small updates are not rounded away.
+        assert {t.dtype for t in engine._worker.model.adapters.parameters_of("shadow").values()} == {torch.float32}
+        assert report.steps == 20 and report.last_loss < report.first_loss / 4, report
+        assert base_digest(engine) == base and lora_digest(engine, "live") == live
+        answer = await engine.generate(
+            GenerationRequest(messages=list(examples[0].prompt_messages), params=SamplingParams(max_new_tokens=8),
+                              adapter="shadow"))
+        assert answer.text.strip() == "19"
