@@ -343,6 +343,50 @@ def _ask_collab(
 
 app.add_typer(fuser_app, name="fuser")
 
+
+@app.command()
+def learn(
+    data: Annotated[Path, typer.Option(help="JSONL file of {\"prompt\", \"answer\", \"category\"?} lines; "
+                                            "it never leaves this node.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Return when local training is done.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """Train this node's LoRA adapter on private data, then take part in distillation rounds with peers."""
+    from knexa.cli.learn import learn_body, print_learn
+
+    result = _post(_client(data_dir, config, api, token), "/v1/learn", learn_body(data, wait),
+                   timeout_s=3600.0 if wait else 60.0)
+    if json_:
+        _print_json(result)
+        return
+    if result.get("started"):
+        console.print("local training started; `knexa-node rounds` shows the rounds", highlight=False)
+    print_learn(console, result)
+
+
+@app.command()
+def rounds(
+    explain: Annotated[bool, typer.Option("--explain", help="Show the matchmaker's score and uncertainty "
+                                                           "for every possible pair.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    api: Api = None,
+    token: Token = None,
+    json_: Json = False,
+) -> None:
+    """Distillation rounds: pairs, rewards and gains (from the shared matchmaker state in the ledger)."""
+    from knexa.cli.learn import print_rounds
+
+    view = _get(_client(data_dir, config, api, token), f"/v1/learn/rounds?explain={'true' if explain else 'false'}")
+    if json_:
+        _print_json(view)
+        return
+    print_rounds(console, view, explain)
+
 find_app = typer.Typer(help="Find models and peers through the DHT.", no_args_is_help=True)
 app.add_typer(find_app, name="find")
 

@@ -12,16 +12,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from libp2p.crypto.keys import KeyPair
 
 from knexa.crdt import codec, digest
 from knexa.crdt.digest import BucketSummary, Digest
-from knexa.crdt.entry import NEVER_EXPIRES, Entry, canonical_packb
+from knexa.crdt.entry import NEVER_EXPIRES, Entry, canonical_packb, unpack_payload
 from knexa.crdt.hlc import HybridClock
 from knexa.crdt.lww_map import LWWMap
 from knexa.crdt.namespace import (
     Kind,
+    learn_key,
     orset_key,
     orset_prefix,
     owner_of,
@@ -113,6 +115,10 @@ class Ledger:
             for add in own_adds
         ]
 
+    def put_learn(self, topic: str, record: dict[str, Any], ttl_s: float | None) -> Entry:
+        """A learning record (membership, matchmaker state, reward) under this node's namespace."""
+        return self._write(learn_key(self.peer_id, topic), canonical_packb(record), ttl_s)
+
     # -- remote input -----------------------------------------------------------------
 
     def merge(self, entries: Iterable[Entry]) -> MergeResult:
@@ -165,6 +171,17 @@ class Ledger:
 
     def reputation(self, subject: str, now: float | None = None) -> Reputation:
         return aggregate_reputation(subject, self.reports_about(subject, now).items())
+
+    def learn_records(self, topic: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Live learning records of one topic, by author."""
+        out: dict[str, dict[str, Any]] = {}
+        suffix = f"/{topic}"
+        for e in self._state.live(self._ms(now), f"{Kind.LEARN}/"):
+            if e.key.endswith(suffix):
+                record = unpack_payload(e.payload)
+                if isinstance(record, dict):
+                    out[e.author] = record
+        return out
 
     def orset(self, set_name: str, now: float | None = None) -> ORSet:
         prefix = orset_prefix(set_name)

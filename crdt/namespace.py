@@ -6,6 +6,7 @@ names the segment that holds the owner's peer id; only that peer may write it.
     profile/<owner>
     report/<owner>/<subject>
     orset/<set name>/<owner>/<tag>
+    learn/<owner>/<topic>        (learning together: membership, matchmaker state, rewards)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Kind(StrEnum):
     PROFILE = "profile"
     REPORT = "report"
     ORSET = "orset"
+    LEARN = "learn"
 
 
 # kind -> (number of segments, index of the owner segment)
@@ -24,6 +26,7 @@ _LAYOUT: dict[str, tuple[int, int]] = {
     Kind.PROFILE: (2, 1),
     Kind.REPORT: (3, 1),
     Kind.ORSET: (4, 2),
+    Kind.LEARN: (3, 1),
 }
 
 MAX_SEGMENT_CHARS = 128
@@ -58,3 +61,7 @@ def orset_key(set_name: str, owner: str, tag: str) -> str:
 
 def orset_prefix(set_name: str) -> str:
     return f"{Kind.ORSET}/{set_name}/"
+
+
+def learn_key(owner: str, topic: str) -> str:
+    return f"{Kind.LEARN}/{owner}/{topic}"

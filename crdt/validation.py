@@ -105,6 +105,8 @@ def payload_is_valid(entry: Entry) -> bool:
             profile_from_payload(entry.payload, allow_newer=True)
         elif kind == Kind.REPORT:
             report_from_payload(entry.payload)
+        elif kind == Kind.LEARN:
+            return is_learn_record(unpack_payload(entry.payload))
         elif not _is_orset_element(unpack_payload(entry.payload)):
             return False
     except (ProfileError, ReportError, ValueError, TypeError):
@@ -114,3 +116,9 @@ def payload_is_valid(entry: Entry) -> bool:
 
 def _is_orset_element(value: object) -> bool:
     return isinstance(value, str) and len(value) <= MAX_ORSET_ELEMENT_CHARS
+
+
+def is_learn_record(value: object) -> bool:
+    """A learning record is a map with string keys; its meaning is checked by whoever reads it
+    (knexa.node.learn), which ignores records it cannot parse."""
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)

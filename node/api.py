@@ -16,6 +16,7 @@ from knexa.dht import DhtKeyError, DiscoveryError
 from knexa.net.version import KNEXA_VERSION
 from knexa.node.collab.api import add_collab_routes
 from knexa.node.kvshare.api import add_kv_routes
+from knexa.node.learn.api import add_learn_routes
 from knexa.node.ledger_api import add_ledger_routes
 from knexa.node.nat_api import add_nat_routes
 from knexa.node.openai_api import add_adapter_routes, add_openai_routes
@@ -183,6 +184,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     add_collab_routes(router, daemon)
     add_kv_routes(router, daemon)
     add_nat_routes(router, daemon)
+    add_learn_routes(router, daemon)
     add_ledger_routes(router, daemon)
     app.include_router(router)
 

@@ -51,6 +51,17 @@ class NodeConfig:
     collab_admission: str = "on"  # on, off (off only to show what the control prevents)
     verify_fraction: float = 0.1  # share of peers' answers from our own model that we re-score
     skills: str = ""  # skill vector for task beacons, "math=0.9,code=0.4", each in [0, 1]
+    # learning together (knexa.node.learn): distillation rounds between nodes that ran `knexa-node learn`
+    learn_round_interval_s: float = 60.0  # least time between the starts of two rounds
+    learn_round_deadline_s: float = 900.0  # a round closes then with the rewards it has
+    learn_takeover_s: float = 30.0  # the next matchmaker candidate acts after this (times its place)
+    learn_member_ttl_s: float = 120.0
+    learn_transfer_prompts: int = 32
+    learn_max_tokens: int = 256
+    learn_local_steps: int = 60
+    learn_round_steps: int = 30
+    learn_lr: float = 1e-3
+    learn_latency_target_s: float = 0.5  # per token, for requests served while the shadow trains
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
     reachability: str = "auto"  # auto, public, private
     relay_service: str = "auto"  # auto (serve once public), on, off
@@ -113,11 +124,32 @@ class NodeConfig:
             raise ConfigError(f"collab_admission must be on or off, not {self.collab_admission!r}")
         if not 0 <= self.verify_fraction <= 1:
             raise ConfigError("verify_fraction must be in [0, 1]")
+        for name in ("learn_round_interval_s", "learn_round_deadline_s", "learn_takeover_s", "learn_member_ttl_s",
+                     "learn_latency_target_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if not 0 <= self.learn_round_interval_s <= self.learn_round_deadline_s * 100:
+            raise ConfigError("learn_round_interval_s is out of range")
+        if not 1 <= self.learn_transfer_prompts <= 256 or not 1 <= self.learn_max_tokens <= 1024:
+            raise ConfigError("learn_transfer_prompts must be in 1..256 and learn_max_tokens in 1..1024")
+        if self.learn_local_steps < 1 or self.learn_round_steps < 1 or not 0 < self.learn_lr < 1:
+            raise ConfigError("learn_local_steps and learn_round_steps must be at least 1, learn_lr in (0, 1)")
         try:
             self.skill_vector()
         except ValueError as exc:
             raise ConfigError(f"skills: {exc}") from None
         return self
+
+    def learn_settings(self) -> Any:
+        from knexa.node.learn.service import LearnSettings
+
+        return LearnSettings(
+            round_deadline_s=self.learn_round_deadline_s, round_interval_s=self.learn_round_interval_s,
+            takeover_s=self.learn_takeover_s, member_ttl_s=self.learn_member_ttl_s,
+            transfer_prompts=self.learn_transfer_prompts, max_tokens=self.learn_max_tokens,
+            local_steps=self.learn_local_steps, round_steps=self.learn_round_steps, lr=self.learn_lr,
+            latency_target_s=self.learn_latency_target_s,
+        )
 
     def skill_vector(self) -> dict[str, float]:
         from knexa.node.collab.vote import parse_requirement

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from knexa.node.inference import InferenceService
     from knexa.node.kvshare.exchange import KvExchange
     from knexa.node.kvshare.service import KvShareService
+    from knexa.node.learn.service import LearnService
 
 log = logging.getLogger("knexa.daemon")
 
@@ -162,6 +163,7 @@ class Daemon:
         self.inference: InferenceService | None = None
         self.kvshare: KvShareService | None = None  # prefix-cache sharing, on nodes that run a model
         self.kvexchange: KvExchange | None = None  # fused caches and text hints between different models
+        self.learn: LearnService | None = None  # learning together, on nodes that run a model
         if config.model != "none":
             # torch and transformers take seconds to import: only for nodes that run a model.
             from knexa.node.engine import EngineConfig
@@ -180,6 +182,12 @@ class Daemon:
             from knexa.node.kvshare.exchange import KvExchange
 
             self.kvexchange = KvExchange(self.rpc, self.inference.require_engine, config.cache_dir / "fusers")
+            from knexa.node.learn.service import LearnService
+
+            self.learn = LearnService(
+                self.rpc, self.key_pair, self.peer_id, self.inference.require_engine, lambda: self.ledger,
+                self._announce, config.data_dir, self._learned_skills, config.learn_settings(),
+            )
         self.collab = CollabService(
             self.rpc, self.peer_id, self.inference, lambda: self.ledger, self._publish_report,
             lambda: [p.peer_id for p in self.mesh.peers()],
@@ -228,6 +236,15 @@ class Daemon:
         """A signed reputation report about a peer, into the ledger and out to the mesh."""
         if self.ledger is not None and self.ledger_service is not None:
             self.ledger_service.announce([self.ledger.put_report(subject, score, reason)])
+
+    def _announce(self, entries: list[Entry]) -> None:
+        if self.ledger_service is not None:
+            self.ledger_service.announce(entries)
+
+    def _learned_skills(self, skills: dict[str, float]) -> None:
+        """Skills measured on the node's own validation data join (and override) the configured ones."""
+        self.collab.settings.skills.update(skills)
+        self._profile_changed()
 
     def report_peer(self, subject: str, score: float, reason: str) -> Entry:
         """An operator's report about a peer: signed, stored and spread like the node's own."""
@@ -299,6 +316,7 @@ class Daemon:
             "collab": self.collab.stats(),
             "engine": _engine_summary(self.inference.status()) if self.inference is not None else None,
             "nat": self.nat.stats(),
+            "learn": self.learn.status() if self.learn is not None else None,
         }
 
     # -- lifecycle -----------------------------------------------------------
@@ -346,6 +364,8 @@ class Daemon:
             if self.kvshare is not None:
                 await nursery.start(self.kvshare.run)
             await nursery.start(self.collab.run)
+            if self.learn is not None:
+                await nursery.start(self.learn.run)
             self._write_state()
             log.info(
                 "event=started peer=%s listen=%s api=%s",

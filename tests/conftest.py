@@ -28,6 +28,7 @@ async def running_daemon(
     port: int = 0,
     model: str = "none",
     cache_dir: Path | None = None,
+    **settings: object,
 ) -> AsyncIterator[Daemon]:
     config = NodeConfig(
         data_dir=data_dir,
@@ -37,6 +38,7 @@ async def running_daemon(
         ping_interval_s=0.5,
         model=model,
         cache_dir=cache_dir or data_dir / "cache",
+        **settings,
     ).validate()
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:

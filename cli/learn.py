@@ -1,0 +1,77 @@
+"""CLI of learning together: `knexa-node learn --data FILE` and `knexa-node rounds [--explain]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def _short(peer: str) -> str:
+    return peer[:6] + "…" + peer[-6:] if len(peer) > 14 else peer
+
+
+def print_learn(console: Any, status: dict[str, Any]) -> None:
+    accuracy = status.get("accuracy")
+    examples = status["examples"]
+    console.print(f"phase: {status['phase']}  adapter: {status['adapter']}  examples: "
+                  f"{examples['train']} train / {examples['validation']} validation", highlight=False)
+    if accuracy is not None:
+        skills = ", ".join(f"{k} {v:.2f}" for k, v in sorted(status["skills"].items()))
+        console.print(f"validation accuracy: {accuracy:.3f}  skills: {skills or '-'}", highlight=False)
+    local = status.get("local_training")
+    if local:
+        console.print(f"local training: {local['training']['steps']} steps, loss {local['training']['first_loss']:.3f}"
+                      f" -> {local['training']['last_loss']:.3f}; validation {local['accuracy_before']:.3f} -> "
+                      f"{local['accuracy_after']:.3f}: {'kept' if local['swapped'] else 'not better, discarded'}",
+                      highlight=False)
+    role = status.get("role")
+    where = f"round {status['round']}" + (f", {role['role']} ({_short(role['teacher'])} -> {_short(role['student'])})"
+                                          if role else "")
+    console.print(f"members: {len(status['members'])}  {where}", highlight=False)
+    if status.get("last_error"):
+        console.print(f"last error: {status['last_error']}", highlight=False)
+
+
+def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
+    table = Table(title="distillation rounds (shared matchmaker state)", title_justify="left")
+    for column in ("round", "matchmaker", "teacher -> student", "score (mean + width)", "gain", "reward"):
+        table.add_column(column)
+    records = list(view["history"])
+    if view.get("open"):
+        records.append({**view["open"], "rewards": None})
+    for record in records:
+        rewards = {r[0]: r for r in record["rewards"]} if record["rewards"] is not None else {}
+        for i, pair in enumerate(record["pairs"] or [{}]):
+            reward = rewards.get(pair.get("student", ""))
+            gain = f"{reward[1]:+.3f}" if reward else ("open" if record["rewards"] is None else "-")
+            table.add_row(
+                str(record["round"]) if i == 0 else "", _short(record["matchmaker"]) if i == 0 else "",
+                f"{_short(pair['teacher'])} -> {_short(pair['student'])}" if pair else "(no pairs)",
+                f"{pair['mean']:+.3f} + {pair['width']:.3f}" if pair else "",
+                gain, f"{reward[2]:+.3f}" if reward else "",
+            )
+    console.print(table)
+    if view["this_node"]:
+        mine = Table(title="this node", title_justify="left")
+        for column in ("round", "role", "partner", "detail"):
+            mine.add_column(column)
+        for r in view["this_node"]:
+            detail = (f"gain {r['gain']:+.3f}, {'kept' if r['swapped'] else 'discarded'}" if "gain" in r
+                      else r.get("error") or (f"sent {r['sent']} answers" if "sent" in r else "under way"))
+            mine.add_row(str(r["round"]), r["role"], _short(r["partner"]), detail)
+        console.print(mine)
+    if explain:
+        scores = Table(title=f"LinUCB scores for round {view['round'] + 1} (upper confidence bound = mean + width)",
+                       title_justify="left")
+        for column in ("teacher -> student", "mean", "width (uncertainty)", "ucb"):
+            scores.add_column(column)
+        for row in view.get("explain", []):
+            scores.add_row(f"{_short(row['teacher'])} -> {_short(row['student'])}", f"{row['mean']:+.4f}",
+                           f"{row['width']:.4f}", f"{row['ucb']:+.4f}")
+        console.print(scores)
+
+
+def learn_body(data: Path, wait: bool) -> dict[str, Any]:
+    return {"data": str(data.expanduser().resolve()), "wait": wait}

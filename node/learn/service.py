@@ -1,0 +1,445 @@
+"""The learning-together protocol unit: local training on the user's data, and distillation rounds run by a
+matchmaker that no node owns.
+
+Ledger records (kind `learn`, each signed by its author, under its own namespace):
+- `learn/<peer>/member`: the node takes part; its validation accuracy and skills (refreshed, expires);
+- `learn/<peer>/state`: the matchmaker state (LinUCB A and b, reward scaler, the open plan, history), written by
+  whichever node ran the newest round; the newest anywhere is the current one;
+- `learn/<peer>/reward`: a student's measured gain for a round.
+Every tick a node reads them: a teacher in the open plan answers the transfer set and sends it to its student
+over `learn.transfer`; the student trains a shadow adapter on its own data mixed with the answers, keeps it
+only if it validates better, and writes its reward. When a round is finished (every reward in, or its
+deadline passed) the next round's matchmaker, first of `matchmaker_order(round, members)`, closes it and
+publishes the next plan; the i-th in that order does so itself if nobody has after i takeover periods, so a
+dead matchmaker holds the mesh up by at most that long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID as PeerID
+
+from knexa.net.rpc import ErrorCode, RpcError, RpcService, sign_payload, verify_detached
+from knexa.node.learn import agent as learner
+from knexa.node.learn import tasks
+from knexa.node.learn.linucb import Candidate, pair_context, profile_vector
+from knexa.node.learn.rounds import (
+    MatchmakerState,
+    RewardReport,
+    check_transfer,
+    close_round,
+    matchmaker_order,
+    newest_state,
+    next_plan,
+    round_finished,
+)
+from knexa.node.learn.wire import (
+    METHOD_TRANSFER,
+    TRANSFER_TOPIC,
+    TransferCall,
+    TransferError,
+    TransferReply,
+    TransferSet,
+)
+
+if TYPE_CHECKING:
+    from knexa.crdt.entry import Entry
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.engine import Engine
+
+log = logging.getLogger("knexa.learn")
+
+LIVE_ADAPTER = "learned"
+MEMBER, STATE, REWARD = "member", "state", "reward"
+TRANSFER_TIMEOUT_S = 60.0
+LOG_ROUNDS = 100
+
+
+@dataclass
+class LearnSettings:
+    round_deadline_s: float = 900.0  # a round not finished by then closes with the rewards it has
+    round_interval_s: float = 60.0  # least time between the starts of two rounds
+    takeover_s: float = 30.0  # the i-th matchmaker candidate acts after i of these
+    tick_s: float = 1.0
+    member_ttl_s: float = 120.0
+    transfer_prompts: int = 32
+    max_tokens: int = 256
+    local_steps: int = 60
+    round_steps: int = 30
+    lr: float = 1e-3
+    latency_target_s: float = 0.5
+    val_fraction: float = 0.2
+
+
+class LearnError(Exception):
+    """`code`: bad_request (the data file), busy, unavailable (no model)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RoundLog:
+    """What this node did in one round (for `knexa-node rounds`)."""
+
+    round_no: int
+    role: str
+    partner: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class LearnService:
+    def __init__(
+        self,
+        rpc: RpcService,
+        key_pair: KeyPair,
+        peer_id: str,
+        engine: Callable[[], Engine],
+        ledger: Callable[[], Ledger | None],
+        announce: Callable[[list[Entry]], None],
+        data_dir: Path,
+        on_skills: Callable[[dict[str, float]], None] = lambda skills: None,
+        settings: LearnSettings | None = None,
+    ) -> None:
+        self.rpc, self.key_pair, self.peer_id = rpc, key_pair, peer_id
+        self._engine, self._ledger, self._announce = engine, ledger, announce
+        self.adapter_dir = data_dir / "adapters" / LIVE_ADAPTER
+        self._on_skills = on_skills
+        self.settings = settings or LearnSettings()
+        self.train: list[tasks.Example] = []
+        self.val: list[tasks.Example] = []
+        self.evaluation: learner.Evaluation | None = None
+        self.local_outcome: dict[str, Any] | None = None
+        self.phase = "idle"  # idle, training, enrolled
+        self.log: list[RoundLog] = []
+        self.rejected: dict[str, int] = {}
+        self.last_error: str | None = None
+        self._training = trio.Lock()
+        self._acted: set[tuple[int, str]] = set()  # (round, role) done or under way here
+        self._finished_seen: dict[int, float] = {}  # round -> when this node first saw it finished
+        self._member_written = 0.0
+        self._nursery: trio.Nursery | None = None
+        rpc.register(METHOD_TRANSFER, self._handle_transfer, TransferCall, TransferReply)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(self.settings.tick_s)
+                try:
+                    self._tick()
+                except Exception as exc:  # one bad tick (a record we cannot use) must not stop the rounds
+                    log.warning('event=learn_tick_failed reason="%s: %s"', type(exc).__name__, exc)
+
+    # -- local learning --------------------------------------------------------------------------
+    def _load(self, data_file: Path) -> list[tasks.Example]:
+        try:
+            examples = tasks.load_jsonl(data_file.expanduser())
+        except tasks.DataError as exc:
+            raise LearnError("bad_request", str(exc)) from None
+        if self._training.locked():
+            raise LearnError("busy", "this node is already training")
+        return examples
+
+    def start_learning(self, data_file: Path) -> None:
+        """`learn` in the background: the data file is checked now, training runs on."""
+        examples = self._load(data_file)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._learn_logged, examples)
+
+    async def _learn_logged(self, examples: list[tasks.Example]) -> None:
+        try:
+            await self._learn(examples)
+        except Exception as exc:  # reported in status; the daemon goes on serving
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning('event=learn_failed reason="%s"', self.last_error)
+
+    async def learn(self, data_file: Path) -> dict[str, Any]:
+        """Train the live adapter on the user's private data (kept only if it validates better than before),
+        then take part in distillation rounds."""
+        return await self._learn(self._load(data_file))
+
+    async def _learn(self, examples: list[tasks.Example]) -> dict[str, Any]:
+        if self._training.locked():
+            raise LearnError("busy", "this node is already training")
+        self.last_error = None
+        async with self._training:
+            self.phase = "training"
+            try:
+                engine = self._engine()
+                await self._restore_adapter(engine)
+                self.train, self.val = tasks.split_train_val(examples, self.settings.val_fraction, seed=0)
+                if not self.val:
+                    self.val = list(self.train)  # one example: validate on what there is
+                self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
+                outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
+                                                     self.settings.local_steps)
+                self.local_outcome = outcome.to_dict()
+            finally:
+                self.phase = "enrolled" if self.evaluation is not None else "idle"
+        self._write_member()
+        log.info("event=learned examples=%d accuracy=%.3f swapped=%s", len(examples),
+                 self.evaluation.accuracy, self.local_outcome["swapped"])
+        return self.status()
+
+    async def _restore_adapter(self, engine: Engine) -> None:
+        if LIVE_ADAPTER in engine.adapters():
+            return
+        if (self.adapter_dir / "adapter_config.json").is_file():
+            await engine.load_adapter(LIVE_ADAPTER, self.adapter_dir)
+        else:
+            await engine.ensure_adapter(LIVE_ADAPTER)
+
+    async def _train_and_keep(self, engine: Engine, examples: list, steps: int) -> learner.TrainOutcome:
+        s = self.settings
+        outcome = await learner.train_and_keep_if_better(
+            engine, LIVE_ADAPTER, examples, self.val, steps=steps, before=self.evaluation, lr=s.lr,
+            latency_target_s=s.latency_target_s,
+        )
+        if outcome.swapped:
+            self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
+            await engine.save_adapter(LIVE_ADAPTER, self.adapter_dir)
+            self._on_skills(dict(self.evaluation.skills))
+        return outcome
+
+    # -- ledger records --------------------------------------------------------------------------
+    def _put(self, topic: str, record: dict[str, Any], ttl_s: float | None) -> None:
+        ledger = self._ledger()
+        if ledger is None:
+            return
+        self._announce([ledger.put_learn(topic, record, ttl_s)])
+
+    def _write_member(self) -> None:
+        if self.evaluation is None:
+            return
+        self._member_written = time.monotonic()
+        self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
+                           "examples": len(self.train) + len(self.val)}, self.settings.member_ttl_s)
+
+    def members(self) -> dict[str, Candidate]:
+        ledger = self._ledger()
+        out: dict[str, Candidate] = {}
+        for author, record in (ledger.learn_records(MEMBER) if ledger else {}).items():
+            try:
+                accuracy = float(record["accuracy"])
+                skills = {str(k): float(v) for k, v in dict(record["skills"]).items()}
+                if not 0 <= accuracy <= 1:
+                    raise ValueError("accuracy out of range")
+            except (KeyError, TypeError, ValueError):
+                self._count("bad member record")
+                continue
+            out[author] = Candidate(author, profile_vector(skills, accuracy), accuracy)
+        return out
+
+    def current_state(self) -> MatchmakerState | None:
+        ledger = self._ledger()
+        states = []
+        for author, record in (ledger.learn_records(STATE) if ledger else {}).items():
+            try:
+                state = MatchmakerState.from_dict(record)
+            except (ValueError, KeyError, TypeError):
+                self._count("bad matchmaker state")
+                continue
+            if state.plan is not None and state.plan.matchmaker != author:
+                self._count("state naming another matchmaker")
+                continue
+            states.append(state)
+        return newest_state(states)
+
+    def rewards(self) -> dict[str, RewardReport]:
+        ledger = self._ledger()
+        out = {}
+        for author, record in (ledger.learn_records(REWARD) if ledger else {}).items():
+            try:
+                out[author] = RewardReport.from_dict(record)
+            except (ValueError, KeyError, TypeError):
+                self._count("bad reward record")
+        return out
+
+    def _log(self, record: RoundLog) -> RoundLog:
+        self.log = [*self.log[-(LOG_ROUNDS - 1):], record]
+        return record
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    # -- the rounds ------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        if self.phase != "enrolled":
+            return
+        if time.monotonic() - self._member_written > self.settings.member_ttl_s / 3:
+            self._write_member()
+        state = self.current_state()
+        plan = state.plan if state is not None else None
+        now_ms = int(time.time() * 1000)
+        if plan is not None and now_ms < plan.deadline_ms:
+            role = plan.role_of(self.peer_id)
+            if role is not None and role[0] == "teacher" and (plan.round_no, "teacher") not in self._acted:
+                self._acted.add((plan.round_no, "teacher"))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._teach, plan, role[1].student)
+        rewards = self.rewards()
+        if plan is not None and not round_finished(plan, rewards, now_ms):
+            return
+        members = self.members()
+        if len(members) < 2 or self.peer_id not in members:
+            return
+        round_no = (state.round_no if state is not None else 0) + 1
+        if plan is not None and now_ms < plan.created_ms + int(self.settings.round_interval_s * 1000):
+            return
+        seen = self._finished_seen.setdefault(round_no, time.monotonic())
+        order = matchmaker_order(round_no, list(members))
+        position = order.index(self.peer_id)
+        if time.monotonic() - seen < position * self.settings.takeover_s:
+            return
+        self._plan_round(state, rewards, list(members.values()), now_ms)
+
+    def _plan_round(self, state: MatchmakerState | None, rewards: dict[str, RewardReport],
+                    candidates: list[Candidate], now_ms: int) -> None:
+        state = state or MatchmakerState.initial()
+        state, rejected = close_round(state, rewards)
+        for reason in rejected:
+            self._count(reason.split(": ", 1)[-1])
+        state = next_plan(state, candidates, self.peer_id, now_ms, self.settings.round_deadline_s)
+        self._put(STATE, state.to_dict(), None)
+        plan = state.plan
+        assert plan is not None
+        log.info("event=round_planned round=%d pairs=%s", plan.round_no,
+                 ",".join(f"{p.teacher[-6:]}->{p.student[-6:]}" for p in plan.pairs))
+
+    async def _teach(self, plan: Any, student: str) -> None:
+        """Answer the public transfer set with the live adapter and send it to the student."""
+        s = self.settings
+        record = self._log(RoundLog(plan.round_no, "teacher", student))
+        try:
+            engine = self._engine()
+            prompts = tasks.transfer_set(s.transfer_prompts, plan.transfer_seed)
+            answers = await learner.teacher_answers(engine, LIVE_ADAPTER, prompts, s.max_tokens,
+                                                    seed=plan.round_no * 7919)
+            transfer = TransferSet(plan.round_no, self.peer_id, student, tuple(zip(prompts, answers, strict=True)))
+            payload = sign_payload(self.key_pair, TRANSFER_TOPIC, transfer.to_bytes(),
+                                   recipient=PeerID.from_base58(student))
+            deadline = min(plan.deadline_ms / 1000 - time.time(), TRANSFER_TIMEOUT_S * 5)
+            with trio.move_on_after(max(1.0, deadline)):
+                while True:
+                    try:
+                        reply = await self.rpc.call(PeerID.from_base58(student), METHOD_TRANSFER,
+                                                    TransferCall(round_no=plan.round_no, payload=payload),
+                                                    timeout=TRANSFER_TIMEOUT_S, response_model=TransferReply)
+                        record.detail = {"sent": len(answers), "accepted": reply.accepted, "detail": reply.detail}
+                        return
+                    except RpcError as exc:
+                        record.detail = {"error": f"{exc.code.name.lower()}: {exc}"}
+                        if exc.code in (ErrorCode.UNAUTHORIZED, ErrorCode.BAD_REQUEST):
+                            return
+                    await trio.sleep(2.0)
+        except Exception as exc:  # a teacher that cannot teach leaves the round to its deadline
+            record.detail = {"error": f"{type(exc).__name__}: {exc}"}
+            log.warning('event=teach_failed round=%d reason="%s"', plan.round_no, exc)
+
+    async def _handle_transfer(self, request: TransferCall, ctx: Any) -> TransferReply:
+        sender = str(ctx.peer_id)
+        try:
+            envelope = verify_detached(request.payload, topic=TRANSFER_TOPIC, sender=ctx.peer_id,
+                                       recipient=PeerID.from_base58(self.peer_id), max_age_s=3600)
+            transfer = TransferSet.from_bytes(envelope.body)
+        except RpcError:
+            self._count("transfer with a bad signature")
+            raise
+        except TransferError as exc:
+            self._count("malformed transfer set")
+            raise RpcError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if transfer.round_no != request.round_no or transfer.teacher != sender or transfer.student != self.peer_id:
+            self._count("transfer set naming other parties")
+            raise RpcError(ErrorCode.BAD_REQUEST, "the transfer set names another round, teacher or student")
+        state = self.current_state()
+        reason = check_transfer(state.plan if state else None, sender, self.peer_id, transfer.round_no)
+        if reason is not None:
+            self._count("transfer from a node that is not the assigned teacher")
+            raise RpcError(ErrorCode.UNAUTHORIZED, reason)
+        if self.phase != "enrolled":
+            raise RpcError(ErrorCode.UNAVAILABLE, "this node has not enrolled (knexa-node learn --data FILE)")
+        if (transfer.round_no, "student") in self._acted:
+            return TransferReply(accepted=True, detail="already received")
+        self._acted.add((transfer.round_no, "student"))
+        assert self._nursery is not None and state is not None and state.plan is not None
+        self._nursery.start_soon(self._study, transfer, state.plan.alpha)
+        return TransferReply(accepted=True, detail=f"training on {len(transfer.items)} answers")
+
+    async def _study(self, transfer: TransferSet, alpha: float) -> None:
+        """Train a shadow on own data mixed with the teacher's answers; report the gain as the reward."""
+        record = self._log(RoundLog(transfer.round_no, "student", transfer.teacher))
+        try:
+            async with self._training:
+                engine = self._engine()
+                examples = learner.mixed_examples(self.train, list(transfer.items), alpha)
+                outcome = await self._train_and_keep(engine, examples, self.settings.round_steps)
+            reward = RewardReport(transfer.round_no, self.peer_id, transfer.teacher,
+                                  max(-1.0, min(1.0, outcome.gain)), outcome.accuracy_after, outcome.swapped)
+            self._put(REWARD, reward.to_dict(), None)
+            self._write_member()
+            record.detail = {**outcome.to_dict(), "alpha": alpha}
+            log.info("event=studied round=%d gain=%.3f swapped=%s", transfer.round_no, outcome.gain,
+                     outcome.swapped)
+        except Exception as exc:  # no reward: the round closes at its deadline without this pair
+            record.detail = {"error": f"{type(exc).__name__}: {exc}"}
+            log.warning('event=study_failed round=%d reason="%s"', transfer.round_no, exc)
+
+    # -- views -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        state = self.current_state()
+        plan = state.plan if state is not None else None
+        role = plan.role_of(self.peer_id) if plan is not None else None
+        return {
+            "phase": self.phase,
+            "adapter": LIVE_ADAPTER,
+            "examples": {"train": len(self.train), "validation": len(self.val)},
+            "accuracy": self.evaluation.accuracy if self.evaluation else None,
+            "skills": dict(self.evaluation.skills) if self.evaluation else {},
+            "local_training": self.local_outcome,
+            "members": sorted(self.members()),
+            "round": state.round_no if state is not None else 0,
+            "role": {"role": role[0], "teacher": role[1].teacher, "student": role[1].student} if role else None,
+            "rejected": dict(self.rejected),
+            "last_error": self.last_error,
+        }
+
+    def rounds_view(self, explain: bool = False) -> dict[str, Any]:
+        state = self.current_state()
+        out: dict[str, Any] = {
+            "round": state.round_no if state is not None else 0,
+            "history": [r.to_dict() for r in state.history] if state is not None else [],
+            "open": state.plan.to_dict() if state is not None and state.plan is not None else None,
+            "this_node": [{"round": r.round_no, "role": r.role, "partner": r.partner, **r.detail} for r in self.log],
+        }
+        if explain:
+            out["explain"] = self.explain(state)
+        return out
+
+    def explain(self, state: MatchmakerState | None) -> list[dict[str, Any]]:
+        """How the matchmaker scores every teacher -> student pair of the current members now."""
+        from knexa.node.learn.linucb import oriented
+
+        state = state or MatchmakerState.initial()
+        members = sorted(self.members().values(), key=lambda c: c.peer_id)
+        rows = []
+        next_round = state.round_no + 1
+        for i, first in enumerate(members):
+            for second in members[i + 1 :]:
+                teacher, student = oriented(first, second)
+                score = state.bandit.score(pair_context(teacher.vector, student.vector), next_round)
+                rows.append({"teacher": teacher.peer_id, "student": student.peer_id, "mean": score.mean,
+                             "width": score.width, "ucb": score.ucb})
+        rows.sort(key=lambda r: -r["ucb"])
+        return rows

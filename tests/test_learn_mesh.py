@@ -1,0 +1,204 @@
+"""Learning together across 4 real daemons on loopback, each with a tiny random model and its own private
+toy data: a full distillation round, serving during training, nothing private on the wire, hostile transfers
+and forged rewards refused, and a matchmaker that dies without stopping the rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from libp2p.peer.id import ID as PeerID
+
+from knexa.crdt.namespace import learn_key
+from knexa.crdt.validation import RejectReason
+from knexa.net.rpc import ErrorCode, RpcError, sign_payload
+from knexa.net.rpc.wire import FramedStream
+from knexa.node.engine import GenerationRequest, SamplingParams
+from knexa.node.learn.rounds import RewardReport
+from knexa.node.learn.wire import METHOD_TRANSFER, TRANSFER_TOPIC, TransferCall, TransferReply, TransferSet
+from tests.conftest import p2p_addr, running_daemon, wait_for
+from tests.engine_helpers import build_tiny_model
+
+LEARN = dict(
+    learn_round_interval_s=2.0, learn_round_deadline_s=25.0, learn_takeover_s=2.0, learn_member_ttl_s=6.0,
+    learn_transfer_prompts=4, learn_max_tokens=8, learn_local_steps=6, learn_round_steps=6,
+    learn_latency_target_s=10.0,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("learn") / "tiny-learn"))
+
+
+def private_answer(node: int, row: int) -> str:
+    return f"zq{node}x{row}kept"
+
+
+def write_data(path: Path, node: int) -> Path:
+    rows = [{"prompt": f"What is the code word {row}?", "answer": private_answer(node, row),
+             "category": ("arithmetic", "units", "strings", "dates")[(node + row) % 4]} for row in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Node:
+    """A daemon in its own cancel scope, so that a test can kill one node of the mesh."""
+
+    def __init__(self) -> None:
+        self.daemon = None
+        self.scope = trio.CancelScope()
+
+    async def run(self, data_dir: Path, bootstrap: list[str], model: str, cache: Path, steps: int,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            async with running_daemon(data_dir, bootstrap, model=model, cache_dir=cache,
+                                      **{**LEARN, "learn_local_steps": steps}) as daemon:
+                self.daemon = daemon
+                task_status.started()
+                await trio.sleep_forever()
+
+
+async def post(daemon, path: str, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=120) as client:
+        return await client.post(path, json=body, headers={"Authorization": f"Bearer {daemon.api_token}"})
+
+
+async def start_mesh(nursery: trio.Nursery, tmp_path: Path, model: str, steps: list[int]) -> list[Node]:
+    nodes: list[Node] = []
+    for i, n_steps in enumerate(steps):
+        node = Node()
+        await nursery.start(node.run, tmp_path / f"n{i}", [p2p_addr(n.daemon) for n in nodes], model,
+                            tmp_path / "cache", n_steps)
+        await wait_for(lambda d=node.daemon: d.inference.status()["state"] == "ready", 60)
+        nodes.append(node)
+    return nodes
+
+
+def history(daemon) -> list[dict]:
+    return daemon.learn.rounds_view()["history"]
+
+
+async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(tmp_path, tiny_model, monkeypatch):
+    sent: list[bytes] = []
+    original = FramedStream.send_raw
+
+    async def recording(self, data: bytes) -> None:  # every plaintext RPC frame, before Noise
+        sent.append(bytes(data))
+        await original(self, data)
+
+    monkeypatch.setattr(FramedStream, "send_raw", recording)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_mesh(nursery, tmp_path, tiny_model, [2000, 6, 6, 6])
+        daemons = [n.daemon for n in nodes]
+        busy = daemons[0]
+        # Serving during training: node 0 trains for 2000 steps; a request sent meanwhile is answered.
+        response = await post(busy, "/v1/learn", {"data": str(write_data(tmp_path / "d0.jsonl", 0))})
+        assert response.status_code == 200 and response.json()["started"]
+        engine = busy.inference.require_engine()
+        await wait_for(lambda: engine.status()["training"] is not None, 60)
+        answer = await engine.generate(GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=4),
+                                                         adapter="learned"))
+        assert answer.token_ids and engine.status()["training"] is not None  # answered with training under way
+        for i, daemon in enumerate(daemons[1:], start=1):
+            response = await post(daemon, "/v1/learn", {"data": str(write_data(tmp_path / f"d{i}.jsonl", i)),
+                                                        "wait": True})
+            assert response.status_code == 200, response.text
+            assert response.json()["phase"] == "enrolled"
+        await wait_for(lambda: busy.learn.phase == "enrolled", 120)
+
+        # A full round: planned by one node, every student reports, the next matchmaker closes it.
+        await wait_for(lambda: any(len(h["rewards"]) == 2 for h in history(daemons[1])), 120)
+        record = next(h for h in history(daemons[1]) if len(h["rewards"]) == 2)
+        students = {p["student"] for p in record["pairs"]}
+        assert len(record["pairs"]) == 2 and {r[0] for r in record["rewards"]} == students
+        for daemon in daemons:
+            if daemon.peer_id in students:
+                reward = RewardReport.from_dict(daemon.ledger.learn_records("reward")[daemon.peer_id])
+                assert reward.swapped == (reward.gain > 0)  # promoted only when it validated better
+                studied = [r for r in daemon.learn.log if r.role == "student" and "gain" in r.detail]
+                assert studied and all(r.detail["swapped"] == (r.detail["gain"] > 0) for r in studied)
+
+        # On the wire: no private answer, no byte run of any node's adapter weights.
+        wire = b"".join(sent)
+        for i, daemon in enumerate(daemons):
+            for row in range(8):
+                assert private_answer(i, row).encode() not in wire
+            for entry in daemon.ledger.entries():
+                assert b"kept" not in entry.payload
+            lora = daemon.inference.require_engine()._worker.model.adapters.parameters_of("learned")
+            for tensor in list(lora.values())[:4]:
+                assert tensor.detach().float().cpu().numpy().tobytes()[:64] not in wire
+        nursery.cancel_scope.cancel()
+
+
+async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_is_replaced(tmp_path, tiny_model):
+    async with trio.open_nursery() as nursery:
+        nodes = await start_mesh(nursery, tmp_path, tiny_model, [6, 6, 6, 6])
+        daemons = [n.daemon for n in nodes]
+        for i, daemon in enumerate(daemons):
+            response = await post(daemon, "/v1/learn", {"data": str(write_data(tmp_path / f"d{i}.jsonl", i)),
+                                                        "wait": True})
+            assert response.status_code == 200, response.text
+        await wait_for(lambda: all((s := d.learn.current_state()) is not None and len(s.plan.pairs) == 2
+                                   for d in daemons), 60)
+        plan = daemons[0].learn.current_state().plan
+        by_id = {d.peer_id: d for d in daemons}
+        pair, other = plan.pairs[0], plan.pairs[1]
+        # A student of the same round never teaches in it: whatever round is open when the call lands,
+        # the impostor is not this student's teacher.
+        student, impostor = by_id[pair.student], by_id[other.student]
+
+        async def send(sender, body: TransferCall) -> TransferReply:
+            return await sender.rpc.call(PeerID.from_base58(student.peer_id), METHOD_TRANSFER, body, timeout=30,
+                                         response_model=TransferReply)
+
+        # A transfer from a node that is not this student's teacher.
+        forged = TransferSet(plan.round_no, impostor.peer_id, student.peer_id, (("What is 1 + 1?", "2"),))
+        payload = sign_payload(impostor.key_pair, TRANSFER_TOPIC, forged.to_bytes(),
+                               recipient=PeerID.from_base58(student.peer_id))
+        with pytest.raises(RpcError) as caught:
+            await send(impostor, TransferCall(round_no=plan.round_no, payload=payload))
+        assert caught.value.code == ErrorCode.UNAUTHORIZED
+        # A malformed transfer set, correctly signed by the assigned teacher.
+        teacher = by_id[pair.teacher]
+        junk = sign_payload(teacher.key_pair, TRANSFER_TOPIC, b"\xc1not msgpack",
+                            recipient=PeerID.from_base58(student.peer_id))
+        with pytest.raises(RpcError) as caught:
+            await send(teacher, TransferCall(round_no=plan.round_no, payload=junk))
+        assert caught.value.code == ErrorCode.BAD_REQUEST
+        # A payload signed by someone else than the caller.
+        with pytest.raises(RpcError) as caught:
+            await send(teacher, TransferCall(round_no=plan.round_no, payload=payload))
+        assert caught.value.code == ErrorCode.UNAUTHORIZED
+        assert student.learn.rejected
+
+        # A forged reward: written by the impostor into the student's namespace, then one in its own.
+        forged_reward = RewardReport(plan.round_no, student.peer_id, pair.teacher, 1.0, 1.0, True).to_dict()
+        entry = impostor.ledger.put_learn("reward", forged_reward, None)
+        stolen = dataclasses.replace(entry, key=learn_key(student.peer_id, "reward"))
+        result = daemons[0].ledger.merge([stolen])
+        assert result.rejected_by_reason == {RejectReason.WRONG_NAMESPACE: 1}
+
+        # The round goes on to its end, and the node that ran it dies: another plans the next rounds.
+        await wait_for(lambda: any(h["round"] == plan.round_no for h in history(daemons[0])), 90)
+        closing = daemons[0].learn.current_state()
+        matchmaker = closing.plan.matchmaker
+        victim = next(n for n in nodes if n.daemon.peer_id == matchmaker)
+        victim.scope.cancel()
+        survivors = [d for d in daemons if d.peer_id != matchmaker]
+
+        def replaced() -> bool:
+            s = survivors[0].learn.current_state()
+            return (s is not None and s.round_no > closing.round_no and s.plan.matchmaker != matchmaker
+                    and matchmaker not in {m for p in s.plan.pairs for m in (p.teacher, p.student)})
+
+        await wait_for(replaced, 120)
+        after = survivors[0].learn.current_state()
+        assert after.bandit.updates >= closing.bandit.updates  # the learned state carried over
+        assert after.history[-1].rewards  # rounds kept closing with rewards after the death
+        nursery.cancel_scope.cancel()
