@@ -78,6 +78,7 @@ def print_status(console: Console, node: dict[str, Any]) -> None:
         ("engine", _engine_line(node.get("engine"))),
         ("dht", _dht_line(node.get("dht"))),
         ("collab", _collab_line(node.get("collab"))),
+        ("learning", _learn_line(node.get("learn"))),
         ("reachability", _nat_line(node.get("nat"))),
         ("relays", _relay_line(node.get("nat"))),
         ("local API", node["api"]),
@@ -145,6 +146,18 @@ def _collab_line(collab: dict[str, Any] | None) -> str:
         f"{'' if collab['enabled'] else ' (admission off)'}; "
         f"verified {checks['checks']}, failed {checks['failures']}"
     )
+
+
+def _learn_line(learn: dict[str, Any] | None) -> str:
+    if not learn:
+        return "-"
+    if learn["phase"] == "idle":
+        return "not enrolled (knexa-node learn --data FILE)"
+    if learn["accuracy"] is None:
+        return learn["phase"]
+    role = f" ({learn['role']['role']})" if learn["role"] else ""
+    return (f"{learn['phase']}, validation accuracy {learn['accuracy']:.2f}, {len(learn['members'])} members, "
+            f"round {learn['round']}{role}")
 
 
 def _engine_line(engine: dict[str, Any] | None) -> str:

@@ -297,3 +297,34 @@ def test_only_the_assigned_teacher_may_send_a_transfer() -> None:
     assert "not a student" in check_transfer(plan, pair.student, pair.teacher, 1)
     assert "not the open round" in check_transfer(plan, pair.teacher, pair.student, 2)
     assert "not the open round" in check_transfer(None, pair.teacher, pair.student, 1)
+
+
+def test_cli_renders_status_and_rounds_with_explanations() -> None:
+    from rich.console import Console
+
+    from knexa.cli.learn import print_learn, print_rounds
+    from knexa.cli.render import _learn_line
+
+    state = _planned()
+    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.1, 0.5, True)
+                                    for p in state.plan.pairs})
+    reopened = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
+    view = {
+        "round": 2, "history": [r.to_dict() for r in reopened.history], "open": reopened.plan.to_dict(),
+        "this_node": [{"round": 1, "role": "student", "partner": "peer00", "gain": 0.1, "swapped": True},
+                      {"round": 2, "role": "teacher", "partner": "peer03", "sent": 4}],
+        "explain": [{"teacher": "peer00", "student": "peer01", "mean": 0.1, "width": 0.5, "ucb": 0.6}],
+    }
+    status = {"phase": "enrolled", "adapter": "learned", "examples": {"train": 8, "validation": 2},
+              "accuracy": 0.5, "skills": {"dates": 1.0}, "members": ["a", "b"], "round": 2,
+              "role": {"role": "teacher", "teacher": "a", "student": "b"}, "last_error": None,
+              "local_training": {"training": {"steps": 4, "first_loss": 3.0, "last_loss": 1.0},
+                                 "accuracy_before": 0.0, "accuracy_after": 0.5, "swapped": True}}
+    console = Console(record=True, width=200)
+    print_rounds(console, view, explain=True)
+    print_learn(console, status)
+    text = console.export_text()
+    assert "+0.100" in text and "open" in text and "LinUCB scores for round 3" in text
+    assert "validation 0.000 -> 0.500: kept" in text
+    assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
+    assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")
