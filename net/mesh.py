@@ -28,6 +28,15 @@ log = logging.getLogger("knexa.mesh")
 PING_SIZE = 32
 DIAL_TIMEOUT_S = 5.0
 IDENTIFY_TIMEOUT_S = 5.0
+# Pings per second a node sends in all: with many peers each is pinged less often, so a
+# large mesh does not spend its CPU on RTT probes (a ping costs about a pubsub message).
+MAX_PINGS_PER_S = 2.0
+
+
+def ping_interval(base_s: float, peers: int) -> float:
+    """Seconds between pings to one peer: `base_s`, stretched so all peers together get at most
+    MAX_PINGS_PER_S."""
+    return max(base_s, peers / MAX_PINGS_PER_S)
 
 
 @dataclass
@@ -249,7 +258,7 @@ class Mesh:
                 record = self.table.get(str(peer))
                 if record is not None and rtt_ms is not None:
                     record.rtt_ms = round(rtt_ms, 3)
-                await trio.sleep(self.ping_interval_s)
+                await trio.sleep(ping_interval(self.ping_interval_s, len(self.table)))
         finally:
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from libp2p.abc import IHost
@@ -15,10 +15,29 @@ from libp2p.tools.anyio_service import background_trio_service
 MAX_PUBLISH_BYTES = 1 << 20
 MAX_PUBLISH_PER_S = 10
 FORWARDED_PER_PEER_PER_S = 500.0
+# go-libp2p's IDontWantMessageThreshold: below it an IDONTWANT costs about what the
+# duplicate it saves would.
+IDONTWANT_MIN_BYTES = 1024
+
+
+class _GossipSub(GossipSub):
+    """py-libp2p's GossipSub, sending IDONTWANT only for messages of IDONTWANT_MIN_BYTES or more.
+
+    py-libp2p sends one for every message it forwards, to every mesh peer, each in its own RPC
+    carrying a signed peer record, and awaits those sends before it forwards the message. For
+    the ledger's small deltas that was most of an idle node's pubsub work and a delay per hop.
+    """
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Iterable[str]) -> None:
+        # publish() puts the message in the cache (keyed like pubsub's default id) just before this.
+        message = self.mcache.get(msg_id)
+        if message is not None and message.ByteSize() < IDONTWANT_MIN_BYTES:
+            return
+        await super()._emit_idontwant_for_message(msg_id, topic_ids)
 
 
 def build_gossipsub() -> GossipSub:
-    return GossipSub(
+    return _GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=6,
         degree_low=4,

@@ -214,6 +214,10 @@ class PunchScheduler:
     def due(self, now: float) -> list[str]:
         return sorted(p for p, s in self.peers.items() if not s.succeeded and now >= s.next_at)
 
+    def next_due(self) -> float | None:
+        """When the next attempt is due, or None while no peer waits for one."""
+        return min((s.next_at for s in self.peers.values() if not s.succeeded), default=None)
+
     def result(self, peer: str, ok: bool, now: float) -> float | None:
         """Record an attempt; returns when to retry, or None after success."""
         state = self.peers.setdefault(peer, _PunchState())

@@ -42,6 +42,7 @@ from knexa.net.nat.policy import (
     should_initiate_punch,
     worth_direct_dial,
 )
+from knexa.net.notifee import ConnectionNotifee
 
 log = logging.getLogger("knexa.nat")
 RESERVE_TIMEOUT_S = 10.0
@@ -50,6 +51,11 @@ PUNCH_TIMEOUT_S = 60.0
 AUTONAT_TIMEOUT_S = 20.0
 AUTONAT_RETRY_S = 3.0  # while the status is unknown
 DCUTR_DIAL_TIMEOUT_S = 3
+ADDRS_CACHE_S = 2.0
+RESERVATION_IDLE_S = 2.0  # while relays are wanted: identify may announce a new relay any time
+# Without relays wanted, and without relayed peers to punch, the loops wait for a change
+# (an AutoNAT verdict, a connection up or down); this bound only guards against a missed one.
+QUIET_IDLE_S = 30.0
 
 
 class _DrivenDCUtR(DCUtRProtocol):
@@ -116,6 +122,7 @@ class NatService:
         self.relayed_dials = 0
         self._advertised: tuple[str, ...] = ()
         self._wake = trio.Event()
+        self._connections_changed = trio.Event()
 
     # -- what others read -----------------------------------------------------
     @property
@@ -164,7 +171,13 @@ class NatService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.autonat.install()
         self._install_addr_advertiser()
+        network = self.host.get_network()
+        notifee = ConnectionNotifee(self._on_connection, self._on_connection)
+        network.register_notifee(notifee)
         async with AsyncExitStack() as stack:
+            remove = getattr(network, "remove_notifee", None)
+            if remove is not None:
+                stack.callback(remove, notifee)
             await stack.enter_async_context(background_trio_service(self.relay_protocol))
             if self.dcutr is not None:
                 await stack.enter_async_context(background_trio_service(self.dcutr))
@@ -178,6 +191,9 @@ class NatService:
                     nursery.start_soon(self._punch_loop)
                 task_status.started()
                 await trio.sleep_forever()
+
+    def _on_connection(self, conn: Any) -> None:
+        self._connections_changed.set()
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -286,7 +302,8 @@ class NatService:
                 self._advertised = advertised
                 log.info("event=relay_addrs addrs=%s", ",".join(advertised) or "none")
                 self._changed()
-            wake_at = min(self.book.next_wakeup(time.time(), idle_s=2.0), time.time() + 2.0)
+            idle_s = RESERVATION_IDLE_S if self._want_relays() else QUIET_IDLE_S
+            wake_at = min(self.book.next_wakeup(time.time(), idle_s=idle_s), time.time() + idle_s)
             self._wake = trio.Event()
             with trio.move_on_at(trio.current_time() + max(0.05, wake_at - time.time())):
                 await self._wake.wait()
@@ -337,19 +354,29 @@ class NatService:
         """Make identify (and so peers' peerstores and the DHT) carry our /p2p-circuit addresses:
         py-libp2p keeps a reservation to itself and never advertises it."""
         original = self.host.get_addrs
+        cache: list[Any] = [None, 0.0, []]  # (circuit addresses, when, result)
 
         def get_addrs() -> list[multiaddr.Multiaddr]:
+            # py-libp2p calls this for every pubsub RPC it sends (to sign a peer record), and
+            # building the list (multiaddr parsing) cost more than the RPC itself: reuse it while
+            # our circuit addresses are unchanged, and rebuild it every ADDRS_CACHE_S for the
+            # listen and observed addresses, which change rarely.
+            circuits = tuple(self.circuit_addrs())
+            now = time.monotonic()
+            if cache[0] == circuits and now - cache[1] < ADDRS_CACHE_S:
+                return list(cache[2])
             # A wildcard listen address (0.0.0.0) in identify makes peers dial themselves;
             # announce the interface addresses instead.
             addrs = [a for a in original() if not str(a).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
             for addr in dialable_addrs(self.host):
                 if addr not in addrs and not str(addr).startswith(("/ip4/127.", "/ip6/::1/")):
                     addrs.append(addr)
-            for text in self.circuit_addrs():
+            for text in circuits:
                 addr = multiaddr.Multiaddr(text)
                 if addr not in addrs:
                     addrs.append(addr)
-            return addrs
+            cache[:] = [circuits, now, addrs]
+            return list(addrs)
 
         self.host.get_addrs = get_addrs  # type: ignore[method-assign]
 
@@ -379,7 +406,7 @@ class NatService:
     # -- hole punching ----------------------------------------------------------
     def _relayed_only(self) -> dict[str, bool | None]:
         """Peers we reach only through a relay -> whether that relayed connection is inbound."""
-        # Runs every half second on every node: walk the swarm's own map, no peer-id parsing.
+        # Runs on every connection change: walk the swarm's own map, no peer-id parsing.
         result: dict[str, bool | None] = {}
         for pid, conns in self.host.get_network().get_connections_map().items():
             addrs = [str(a) for c in conns for a in (c.get_transport_addresses() or [])]
@@ -391,6 +418,8 @@ class NatService:
     async def _punch_loop(self) -> None:
         assert self.dcutr is not None
         while True:
+            # Only a connection change or a due retry can give this loop work: sleep until one.
+            self._connections_changed = trio.Event()
             now = time.time()
             relayed = self._relayed_only()
             for peer in list(self.punches.peers):
@@ -405,7 +434,10 @@ class NatService:
                     self.punches.result(peer, False, now)
                     continue
                 await self._punch(peer)
-            await trio.sleep(0.5)
+            next_at = self.punches.next_due()
+            timeout_s = QUIET_IDLE_S if next_at is None else min(QUIET_IDLE_S, max(0.05, next_at - time.time()))
+            with trio.move_on_after(timeout_s):
+                await self._connections_changed.wait()
 
     async def _punch(self, peer: str) -> None:
         assert self.dcutr is not None
