@@ -9,11 +9,13 @@ node waits for it (`GET /v1/ledger/wait`), which returns that node's clock at
 the moment the entry arrived. All processes share one machine clock, so the
 spread time is the last arrival minus the writer's own timestamp on the entry.
 The baseline beside it, measured in the same run, is one local API round trip.
+Each daemon's CPU (from /proc) is sampled while the mesh is idle and during the writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import signal
@@ -57,12 +59,15 @@ def spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def start(data_dir: Path, bootstrap: list[str], client: httpx.AsyncClient) -> Proc:
+async def start(
+    data_dir: Path, bootstrap: list[str], client: httpx.AsyncClient, extra: list[str] | None = None
+) -> Proc:
     port, api_port = free_port(), free_port()
     args = [*CLI, "start", "--data-dir", str(data_dir), "--listen", f"/ip4/127.0.0.1/tcp/{port}",
             "--api-port", str(api_port), "--model", "none", "--ping-interval", "10", "--log-level", "warning"]
     for addr in bootstrap:
         args += ["--bootstrap", addr]
+    args += extra or []
     log_path = data_dir.parent / f"{data_dir.name}.log"
     process = spawn(args, log_path)
     api = f"http://127.0.0.1:{api_port}"
@@ -86,8 +91,30 @@ async def profiles_held(node: Proc, client: httpx.AsyncClient) -> int:
     return sum(1 for e in entries if e["kind"] == "profile" and not e["deleted"])
 
 
-async def one_write(nodes: list[Proc], writer: Proc, subject: Proc, client: httpx.AsyncClient) -> float:
-    """Seconds from the write to its arrival at the last node."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_percent(nodes: list[Proc], seconds: float) -> list[float]:
+    """Each daemon's CPU use over the next `seconds`, in % of one core."""
+    before = [cpu_seconds(n.process.pid) for n in nodes]
+    started = time.perf_counter()
+    await trio.sleep(seconds)
+    elapsed = time.perf_counter() - started
+    return [100 * (cpu_seconds(n.process.pid) - b) / elapsed for n, b in zip(nodes, before, strict=True)]
+
+
+def describe_cpu(label: str, samples: list[list[float]]) -> str:
+    per_node = [statistics.mean(s) for s in zip(*samples, strict=True)]
+    totals = [sum(s) for s in samples]
+    return (f"{label}: per daemon mean {statistics.mean(per_node):.2f}% of a core (max {max(per_node):.2f}%), "
+            f"all daemons {min(totals):.0f}-{max(totals):.0f}% over {len(samples)} samples")
+
+
+async def one_write(nodes: list[Proc], writer: Proc, subject: Proc, client: httpx.AsyncClient) -> list[float]:
+    """Seconds from the write to its arrival at each other node."""
     key = f"report/{writer.peer_id}/{subject.peer_id}"  # crdt.namespace.report_key
     arrivals: dict[str, int | None] = {}
 
@@ -109,10 +136,10 @@ async def one_write(nodes: list[Proc], writer: Proc, subject: Proc, client: http
     missing = [p for p, t in arrivals.items() if t is None]
     if missing:
         raise RuntimeError(f"{len(missing)} nodes never saw the write within 30 s")
-    return (max(t for t in arrivals.values() if t is not None) - written_ms) / 1000
+    return sorted((t - written_ms) / 1000 for t in arrivals.values() if t is not None)
 
 
-async def main(n: int, links: int, writes: int, seed: int) -> None:
+async def main(n: int, links: int, writes: int, seed: int, idle_s: float) -> None:
     rng = random.Random(seed)
     random.seed(seed)
     limits = httpx.Limits(max_connections=4 * n)
@@ -140,15 +167,37 @@ async def main(n: int, links: int, writes: int, seed: int) -> None:
                     t0 = time.perf_counter()
                     await client.get(f"{nodes[0].api}/v1/health")
                     rtts.append(time.perf_counter() - t0)
-                spread = []
+                if idle_s > 0:
+                    idle = [await cpu_percent(nodes, idle_s / 3) for _ in range(3)]
+                    print(describe_cpu(f"idle CPU ({n} daemons, load {os.getloadavg()[0]:.1f})", idle), flush=True)
+                spread: list[float] = []
+                per_node: list[float] = []
+                before = [cpu_seconds(node.process.pid) for node in nodes]
+                began = time.perf_counter()
+                pairs: set[tuple[str, str]] = set()
                 for _ in range(writes):
                     writer, subject = rng.sample(nodes, 2)
-                    spread.append(await one_write(nodes, writer, subject, client))
+                    while (writer.peer_id, subject.peer_id) in pairs:  # a repeat would find the old entry
+                        writer, subject = rng.sample(nodes, 2)
+                    pairs.add((writer.peer_id, subject.peer_id))
+                    arrivals = await one_write(nodes, writer, subject, client)
+                    spread.append(arrivals[-1])
+                    per_node.extend(arrivals)
+                    late = [f"{a:.2f}" for a in arrivals if a > 0.5]
+                    print(f"  write: last node {arrivals[-1] * 1000:.0f} ms, "
+                          f"median node {statistics.median(arrivals) * 1000:.0f} ms"
+                          + (f", arrivals after 0.5 s (s): {' '.join(late)}" if late else ""), flush=True)
                     await trio.sleep(1)
+                busy = [cpu_seconds(node.process.pid) - b for node, b in zip(nodes, before, strict=True)]
+                busy_pct = 100 * statistics.mean(busy) / (time.perf_counter() - began)
                 p50, worst = statistics.median(spread), max(spread)
-                print(f"one write reaches all {n} nodes: p50 {p50 * 1000:.0f} ms, max {worst * 1000:.0f} ms "
-                      f"over {writes} writes (target {TARGET_S:.0f} s: {'met' if worst <= TARGET_S else 'NOT met'}); "
-                      f"baseline local API round trip p50 {statistics.median(rtts) * 1000:.1f} ms", flush=True)
+                p95 = sorted(spread)[math.ceil(0.95 * len(spread)) - 1]  # nearest rank
+                print(f"one write reaches all {n} nodes: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+                      f"max {worst * 1000:.0f} ms over {writes} writes "
+                      f"(target {TARGET_S:.0f} s: {'met' if worst <= TARGET_S else 'NOT met'}); "
+                      f"one node's arrival p50 {statistics.median(per_node) * 1000:.0f} ms; "
+                      f"baseline local API round trip p50 {statistics.median(rtts) * 1000:.1f} ms; "
+                      f"CPU per daemon during the writes {busy_pct:.2f}%", flush=True)
             finally:
                 for i, node in enumerate(nodes):
                     if node.process.poll() is not None:
@@ -169,5 +218,6 @@ if __name__ == "__main__":
     parser.add_argument("--links", type=int, default=3)
     parser.add_argument("--writes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--idle-s", type=float, default=30.0, help="seconds of idle CPU sampling (0: skip)")
     args = parser.parse_args()
-    trio.run(main, args.nodes, args.links, args.writes, args.seed)
+    trio.run(main, args.nodes, args.links, args.writes, args.seed, args.idle_s)
