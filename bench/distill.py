@@ -205,6 +205,9 @@ def plot(mean: dict[str, list[float]], args: argparse.Namespace) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for condition, values in mean.items():
         ax.plot(range(len(values)), values, marker="o", label=condition)
+    # From zero: a difference of one or two test answers must not look like a trend.
+    ax.set_ylim(0, max(1e-3, max(max(v) for v in mean.values())) * 1.5)
+    ax.set_xticks(range(len(next(iter(mean.values())))))
     ax.set_xlabel("round (0 = after local warm-up)")
     ax.set_ylabel("mean test accuracy")
     ax.set_title(f"SmolLM2-135M, {args.agents} agents, {args.seeds} seed(s)")
