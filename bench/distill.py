@@ -37,8 +37,8 @@ from knexa.node.learn.linucb import Candidate, random_pairs
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
 
 CONDITIONS = ("local", "random", "linucb")
-REDUCED = dict(agents=4, rounds=3, per_category=24, test_per_category=8, transfer=16, teacher_tokens=32,
-               steps=12, warmup_steps=24, seeds=1, concurrency=8, max_batch=8)
+REDUCED = dict(agents=4, rounds=3, per_category=40, test_per_category=8, transfer=16, teacher_tokens=32,
+               steps=16, warmup_steps=48, seeds=1, concurrency=8, max_batch=8)
 FULL = dict(agents=6, rounds=8, per_category=120, test_per_category=25, transfer=32, teacher_tokens=256,
             steps=30, warmup_steps=60, seeds=2, concurrency=48, max_batch=48)
 
@@ -225,7 +225,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--dirichlet", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     for name, value in REDUCED.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"reduced: {value}, "
