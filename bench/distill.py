@@ -33,7 +33,7 @@ import trio
 from knexa.node.engine import Engine, EngineConfig
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
-from knexa.node.learn.linucb import Candidate, random_pairs
+from knexa.node.learn.linucb import Candidate, profile_vector, random_pairs
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
 
 CONDITIONS = ("local", "random", "linucb")
@@ -57,8 +57,6 @@ class Agent:
         return f"agent{self.index}"
 
     def candidate(self) -> Candidate:
-        from knexa.node.learn.linucb import profile_vector
-
         ev = self.evaluation
         assert ev is not None
         return Candidate(self.name, profile_vector(ev.skills, ev.accuracy), ev.accuracy)
@@ -83,10 +81,9 @@ async def train(engine: Engine, a: Agent, examples: list, steps: int, args: argp
                 ) -> learner.TrainOutcome:
     outcome = await learner.train_and_keep_if_better(
         engine, a.live, examples, a.val, steps=steps, before=a.evaluation, lr=args.lr, batch_size=args.batch_size,
-        seed=seed, latency_target_s=10.0,
+        seed=seed, latency_target_s=10.0, concurrency=args.concurrency,
     )
-    if outcome.swapped:
-        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+    a.evaluation = outcome.live
     return outcome
 
 
@@ -95,10 +92,11 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
     for a in agents:
         a.live = f"{condition}{a.index}"
         await engine.load_adapter(a.live, warm / a.name)
-        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+        a.evaluation = await learner.evaluate(engine, a.live, a.val, concurrency=args.concurrency)
 
     async def test_accuracy() -> float:
-        scores = [(await learner.evaluate(engine, a.live, test)).accuracy for a in agents]
+        scores = [(await learner.evaluate(engine, a.live, test, concurrency=args.concurrency)).accuracy
+                  for a in agents]
         return statistics.fmean(scores)
 
     curve = [await test_accuracy()]
@@ -124,7 +122,7 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
             else:
                 teacher = by_name[pair.teacher]
                 answers = await learner.teacher_answers(engine, teacher.live, prompts, args.teacher_tokens,
-                                                        seed=seed * 7919 + round_no)
+                                                        seed=seed * 7919 + round_no, concurrency=args.concurrency)
                 examples = learner.mixed_examples(a.train, list(zip(prompts, answers, strict=True)),
                                                   alpha_for(round_no))
             outcome = await train(engine, a, examples, args.steps, args, seed + round_no)
@@ -153,7 +151,7 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
     for a in agents:
         a.live = f"warm{a.index}"
         await engine.ensure_adapter(a.live, seed=seed + a.index)
-        a.evaluation = await learner.evaluate(engine, a.live, a.val)
+        a.evaluation = await learner.evaluate(engine, a.live, a.val, concurrency=args.concurrency)
         await train(engine, a, own_examples(a), args.warmup_steps, args, seed)
         await engine.save_adapter(a.live, warm / a.name)
         await engine.unload_adapter(a.live)
@@ -170,7 +168,6 @@ async def main(args: argparse.Namespace) -> dict[str, list[list[float]]]:
         async with Engine.open(config) as engine:
             status = engine.status()
             print(f"model {status['model']['name']} on {status['device']} ({status['dtype']})", flush=True)
-            learner.EVAL_CONCURRENCY = args.concurrency
             for seed in range(args.seeds):
                 for condition, curve in (await run_seed(engine, args, seed, Path(scratch))).items():
                     curves[condition].append(curve)

@@ -12,6 +12,7 @@ import platformdirs
 
 from knexa.net.host import AddressError, parse_multiaddr
 from knexa.net.nat.config import NatConfig, NatConfigError, RelayLimitsConfig
+from knexa.node.learn.settings import LearnSettings
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API_PORT = 7700
@@ -51,17 +52,18 @@ class NodeConfig:
     collab_admission: str = "on"  # on, off (off only to show what the control prevents)
     verify_fraction: float = 0.1  # share of peers' answers from our own model that we re-score
     skills: str = ""  # skill vector for task beacons, "math=0.9,code=0.4", each in [0, 1]
-    # learning together (knexa.node.learn): distillation rounds between nodes that ran `knexa-node learn`
-    learn_round_interval_s: float = 60.0  # least time between the starts of two rounds
-    learn_round_deadline_s: float = 900.0  # a round closes then with the rewards it has
-    learn_takeover_s: float = 30.0  # the next matchmaker candidate acts after this (times its place)
-    learn_member_ttl_s: float = 120.0
-    learn_transfer_prompts: int = 32
-    learn_max_tokens: int = 256
-    learn_local_steps: int = 60
-    learn_round_steps: int = 30
-    learn_lr: float = 1e-3
-    learn_latency_target_s: float = 0.5  # per token, for requests served while the shadow trains
+    # learning together (knexa.node.learn): distillation rounds between nodes that ran `knexa-node learn`;
+    # each learn_<name> is LearnSettings.<name>, described there
+    learn_round_deadline_s: float = LearnSettings.round_deadline_s
+    learn_round_interval_s: float = LearnSettings.round_interval_s
+    learn_takeover_s: float = LearnSettings.takeover_s
+    learn_member_ttl_s: float = LearnSettings.member_ttl_s
+    learn_transfer_prompts: int = LearnSettings.transfer_prompts
+    learn_max_tokens: int = LearnSettings.max_tokens
+    learn_local_steps: int = LearnSettings.local_steps
+    learn_round_steps: int = LearnSettings.round_steps
+    learn_lr: float = LearnSettings.lr
+    learn_latency_target_s: float = LearnSettings.latency_target_s
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
     reachability: str = "auto"  # auto, public, private
     relay_service: str = "auto"  # auto (serve once public), on, off
@@ -140,16 +142,12 @@ class NodeConfig:
             raise ConfigError(f"skills: {exc}") from None
         return self
 
-    def learn_settings(self) -> Any:
-        from knexa.node.learn.service import LearnSettings
-
-        return LearnSettings(
-            round_deadline_s=self.learn_round_deadline_s, round_interval_s=self.learn_round_interval_s,
-            takeover_s=self.learn_takeover_s, member_ttl_s=self.learn_member_ttl_s,
-            transfer_prompts=self.learn_transfer_prompts, max_tokens=self.learn_max_tokens,
-            local_steps=self.learn_local_steps, round_steps=self.learn_round_steps, lr=self.learn_lr,
-            latency_target_s=self.learn_latency_target_s,
-        )
+    def learn_settings(self) -> LearnSettings:
+        prefix = "learn_"
+        return LearnSettings(**{
+            f.name.removeprefix(prefix): getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name.startswith(prefix)
+        })
 
     def skill_vector(self) -> dict[str, float]:
         from knexa.node.collab.vote import parse_requirement

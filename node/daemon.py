@@ -244,7 +244,8 @@ class Daemon:
     def _learned_skills(self, skills: dict[str, float]) -> None:
         """Skills measured on the node's own validation data join (and override) the configured ones."""
         self.collab.settings.skills.update(skills)
-        self._profile_changed()
+        if self.ledger_service is not None:
+            self.ledger_service.refresh_profile()
 
     def report_peer(self, subject: str, score: float, reason: str) -> Entry:
         """An operator's report about a peer: signed, stored and spread like the node's own."""

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -328,3 +329,22 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
     assert "validation 0.000 -> 0.500: kept" in text
     assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
     assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")
+
+
+def test_a_large_state_drops_old_history_to_fit_one_ledger_entry() -> None:
+    from knexa.node.learn.rounds import fit_state
+
+    candidates = _candidates(60)
+    state = MatchmakerState.initial()
+    for round_no in range(1, 21):
+        state = next_plan(state, candidates, "peer00", now_ms=round_no, round_deadline_s=60)
+        state, _ = close_round(state, {p.student: RewardReport(round_no, p.student, p.teacher, 0.01, 0.5, False)
+                                       for p in state.plan.pairs})
+    state = next_plan(state, candidates, "peer00", now_ms=99, round_deadline_s=60)
+    assert len(msgpack.packb(state.to_dict())) > 48 * 1024 and len(state.history) == 20
+    fitted = fit_state(state, 48 * 1024)
+    assert len(msgpack.packb(fitted.to_dict())) <= 48 * 1024
+    assert fitted.plan == state.plan and fitted.bandit is state.bandit
+    assert 0 < len(fitted.history) < 20 and fitted.history[-1] == state.history[-1]
+    small = _planned()
+    assert fit_state(small, 48 * 1024) is small  # nothing to drop

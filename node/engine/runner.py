@@ -432,13 +432,12 @@ class Worker:
                 message, self._train_fault = self._train_fault, None
                 raise InjectedFault(message)
             loss = self._train_piece(run, piece, step_weight)
-            if run.piece_done(loss, len(piece), time.perf_counter() - started):
-                torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.step_done()
-            else:
-                return
+            if not run.piece_done(loss, len(piece), time.perf_counter() - started):
+                return  # the step's other examples run in later rounds
+            torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step_done()
         except Exception as exc:  # only the shadow's tensors take gradients: serving goes on untouched
             job.reply.send(AdapterError(f"training {run.spec.shadow_id!r} failed: {type(exc).__name__}: {exc}"))
             self._end_training("failed")

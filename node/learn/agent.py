@@ -23,6 +23,7 @@ from knexa.node.learn.tasks import Example, grade, skill_scores
 
 EVAL_MAX_TOKENS = 16
 EVAL_CONCURRENCY = 8
+OVERLOAD_WAIT_S = 300.0
 # KNEXA-FL's teacher sampling.
 TEACHER_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
 
@@ -41,10 +42,14 @@ class Evaluation:
 @dataclass(frozen=True)
 class TrainOutcome:
     accuracy_before: float
-    accuracy_after: float
+    accuracy_after: float  # the shadow's
     swapped: bool
     report: TrainReport
-    skills: dict[str, float]
+    live: Evaluation  # the live adapter's, after the call: the shadow's if it was promoted
+
+    @property
+    def skills(self) -> dict[str, float]:
+        return self.live.skills
 
     @property
     def gain(self) -> float:
@@ -57,17 +62,20 @@ class TrainOutcome:
 
 
 async def _generate(engine: Engine, request: GenerationRequest) -> str:
-    """One generation; a full engine queue is waited out rather than failed (evaluation is background work)."""
-    while True:
-        try:
-            return (await engine.generate(request)).text
-        except EngineOverloaded:
-            await trio.sleep(0.05)
+    """One generation; a full engine queue is waited out for a while rather than failed (evaluation is
+    background work), then the overload is raised."""
+    with trio.move_on_after(OVERLOAD_WAIT_S):
+        while True:
+            try:
+                return (await engine.generate(request)).text
+            except EngineOverloaded:
+                await trio.sleep(0.05)
+    raise EngineOverloaded(f"the engine's queue stayed full for {OVERLOAD_WAIT_S:.0f}s")
 
 
-async def _map_generate(engine: Engine, requests: Sequence[GenerationRequest]) -> list[str]:
+async def _map_generate(engine: Engine, requests: Sequence[GenerationRequest], concurrency: int) -> list[str]:
     outputs: list[str] = [""] * len(requests)
-    limit = trio.Semaphore(EVAL_CONCURRENCY)
+    limit = trio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with limit:
@@ -80,25 +88,25 @@ async def _map_generate(engine: Engine, requests: Sequence[GenerationRequest]) -
 
 
 async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Example],
-                   max_tokens: int = EVAL_MAX_TOKENS) -> Evaluation:
+                   max_tokens: int = EVAL_MAX_TOKENS, concurrency: int = EVAL_CONCURRENCY) -> Evaluation:
     """Greedy answers, graded; accuracy overall and per category."""
     params = SamplingParams(max_new_tokens=max_tokens)
     requests = [GenerationRequest(messages=user_turn(e.prompt), params=params, adapter=adapter) for e in examples]
-    outputs = await _map_generate(engine, requests)
+    outputs = await _map_generate(engine, requests, concurrency)
     results = tuple((e, grade(e, out)) for e, out in zip(examples, outputs, strict=True))
     accuracy = sum(ok for _, ok in results) / len(results) if results else 0.0
     return Evaluation(accuracy, skill_scores(results), results)
 
 
 async def teacher_answers(engine: Engine, adapter: str | None, prompts: Sequence[str], max_tokens: int,
-                          seed: int) -> list[str]:
+                          seed: int, concurrency: int = EVAL_CONCURRENCY) -> list[str]:
     """The teacher's answers to the public transfer set, sampled as KNEXA-FL samples them."""
     requests = [
         GenerationRequest(messages=user_turn(p), adapter=adapter,
                           params=SamplingParams(max_new_tokens=max_tokens, seed=seed + i, **TEACHER_SAMPLING))
         for i, p in enumerate(prompts)
     ]
-    return [text.strip() for text in await _map_generate(engine, requests)]
+    return [text.strip() for text in await _map_generate(engine, requests, concurrency)]
 
 
 def mixed_examples(own: Sequence[Example], distilled: Sequence[tuple[str, str]], alpha: float) -> list[TrainExample]:
@@ -126,18 +134,19 @@ async def train_and_keep_if_better(
     batch_size: int = 4,
     latency_target_s: float = 0.5,
     seed: int = 0,
+    concurrency: int = EVAL_CONCURRENCY,
 ) -> TrainOutcome:
     """Train a shadow of the live adapter; it replaces the live one only if it validates strictly better."""
     shadow_id = shadow_of(live_id)
     await engine.ensure_adapter(live_id, seed=seed)
     if before is None:
-        before = await evaluate(engine, live_id, validation)
+        before = await evaluate(engine, live_id, validation, concurrency=concurrency)
     report = await engine.train_shadow(TrainSpec(
         live_id=live_id, shadow_id=shadow_id, examples=list(examples), steps=steps, lr=lr,
         batch_size=batch_size, latency_target_s=latency_target_s, seed=seed,
     ))
-    after = await evaluate(engine, shadow_id, validation)
+    after = await evaluate(engine, shadow_id, validation, concurrency=concurrency)
     swapped = after.accuracy > before.accuracy
     if swapped:
         await engine.promote_shadow(shadow_id, live_id)
-    return TrainOutcome(before.accuracy, after.accuracy, swapped, report, (after if swapped else before).skills)
+    return TrainOutcome(before.accuracy, after.accuracy, swapped, report, after if swapped else before)

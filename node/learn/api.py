@@ -35,7 +35,7 @@ def add_learn_routes(router: APIRouter, daemon: Daemon) -> None:
         try:
             if request.wait:
                 return await learn.learn(path)
-            learn.start_learning(path)
+            await learn.start_learning(path)
         except LearnError as exc:
             raise HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}") from None
         return {**learn.status(), "started": True}

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
+
 from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, node_dim, plan_pairs
 
 ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
@@ -194,6 +196,15 @@ class MatchmakerState:
         if any(len(p.context) != state.bandit.dim for p in (plan.pairs if plan else ())):
             raise ValueError("a pair's context does not match the bandit's dimension")
         return state
+
+
+def fit_state(state: MatchmakerState, max_bytes: int) -> MatchmakerState:
+    """The state with its oldest history dropped until its encoding fits in max_bytes (the plan and the
+    bandit always stay: they are what the next round needs)."""
+    history = state.history
+    while history and len(msgpack.packb(replace(state, history=history).to_dict())) > max_bytes:
+        history = history[1:]
+    return state if history is state.history else replace(state, history=history)
 
 
 def newest_state(states: Iterable[MatchmakerState]) -> MatchmakerState | None:

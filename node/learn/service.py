@@ -36,11 +36,13 @@ from knexa.node.learn.rounds import (
     RewardReport,
     check_transfer,
     close_round,
+    fit_state,
     matchmaker_order,
     newest_state,
     next_plan,
     round_finished,
 )
+from knexa.node.learn.settings import LearnSettings
 from knexa.node.learn.wire import (
     METHOD_TRANSFER,
     TRANSFER_TOPIC,
@@ -61,22 +63,8 @@ LIVE_ADAPTER = "learned"
 MEMBER, STATE, REWARD = "member", "state", "reward"
 TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
-
-
-@dataclass
-class LearnSettings:
-    round_deadline_s: float = 900.0  # a round not finished by then closes with the rewards it has
-    round_interval_s: float = 60.0  # least time between the starts of two rounds
-    takeover_s: float = 30.0  # the i-th matchmaker candidate acts after i of these
-    tick_s: float = 1.0
-    member_ttl_s: float = 120.0
-    transfer_prompts: int = 32
-    max_tokens: int = 256
-    local_steps: int = 60
-    round_steps: int = 30
-    lr: float = 1e-3
-    latency_target_s: float = 0.5
-    val_fraction: float = 0.2
+# The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
+STATE_MAX_BYTES = 48 * 1024
 
 
 class LearnError(Exception):
@@ -143,18 +131,18 @@ class LearnService:
                     log.warning('event=learn_tick_failed reason="%s: %s"', type(exc).__name__, exc)
 
     # -- local learning --------------------------------------------------------------------------
-    def _load(self, data_file: Path) -> list[tasks.Example]:
-        try:
-            examples = tasks.load_jsonl(data_file.expanduser())
-        except tasks.DataError as exc:
-            raise LearnError("bad_request", str(exc)) from None
+    async def _read(self, data_file: Path) -> list[tasks.Example]:
         if self._training.locked():
             raise LearnError("busy", "this node is already training")
-        return examples
+        try:
+            # Up to 64 MiB of JSON: parsed off the trio loop.
+            return await trio.to_thread.run_sync(tasks.load_jsonl, data_file)
+        except tasks.DataError as exc:
+            raise LearnError("bad_request", str(exc)) from None
 
-    def start_learning(self, data_file: Path) -> None:
+    async def start_learning(self, data_file: Path) -> None:
         """`learn` in the background: the data file is checked now, training runs on."""
-        examples = self._load(data_file)
+        examples = await self._read(data_file)
         assert self._nursery is not None
         self._nursery.start_soon(self._learn_logged, examples)
 
@@ -168,7 +156,7 @@ class LearnService:
     async def learn(self, data_file: Path) -> dict[str, Any]:
         """Train the live adapter on the user's private data (kept only if it validates better than before),
         then take part in distillation rounds."""
-        return await self._learn(self._load(data_file))
+        return await self._learn(await self._read(data_file))
 
     async def _learn(self, examples: list[tasks.Example]) -> dict[str, Any]:
         if self._training.locked():
@@ -186,6 +174,7 @@ class LearnService:
                 outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
                                                      self.settings.local_steps)
                 self.local_outcome = outcome.to_dict()
+                self._on_skills(dict(self.evaluation.skills))
             finally:
                 self.phase = "enrolled" if self.evaluation is not None else "idle"
         self._write_member()
@@ -207,10 +196,9 @@ class LearnService:
             engine, LIVE_ADAPTER, examples, self.val, steps=steps, before=self.evaluation, lr=s.lr,
             latency_target_s=s.latency_target_s,
         )
+        self.evaluation = outcome.live
         if outcome.swapped:
-            self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
             await engine.save_adapter(LIVE_ADAPTER, self.adapter_dir)
-            self._on_skills(dict(self.evaluation.skills))
         return outcome
 
     # -- ledger records --------------------------------------------------------------------------
@@ -282,6 +270,9 @@ class LearnService:
             self._write_member()
         state = self.current_state()
         plan = state.plan if state is not None else None
+        if state is not None:  # what this node did in rounds before the open one no longer matters
+            self._acted = {done for done in self._acted if done[0] >= state.round_no}
+            self._finished_seen = {r: t for r, t in self._finished_seen.items() if r > state.round_no}
         now_ms = int(time.time() * 1000)
         if plan is not None and now_ms < plan.deadline_ms:
             role = plan.role_of(self.peer_id)
@@ -312,6 +303,7 @@ class LearnService:
         for reason in rejected:
             self._count(reason.split(": ", 1)[-1])
         state = next_plan(state, candidates, self.peer_id, now_ms, self.settings.round_deadline_s)
+        state = fit_state(state, STATE_MAX_BYTES)
         self._put(STATE, state.to_dict(), None)
         plan = state.plan
         assert plan is not None
@@ -385,6 +377,8 @@ class LearnService:
                 engine = self._engine()
                 examples = learner.mixed_examples(self.train, list(transfer.items), alpha)
                 outcome = await self._train_and_keep(engine, examples, self.settings.round_steps)
+                if outcome.swapped:
+                    self._on_skills(dict(outcome.skills))
             reward = RewardReport(transfer.round_no, self.peer_id, transfer.teacher,
                                   max(-1.0, min(1.0, outcome.gain)), outcome.accuracy_after, outcome.swapped)
             self._put(REWARD, reward.to_dict(), None)

@@ -176,6 +176,7 @@ def skill_scores(results: Iterable[tuple[Example, bool]]) -> dict[str, float]:
 
 def load_jsonl(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS) -> list[Example]:
     """The user's private data: one {"prompt", "answer", "category"?} object per line."""
+    path = path.expanduser()
     try:
         size = path.stat().st_size
     except OSError as exc:

@@ -1,0 +1,22 @@
+"""The learning protocol's settings; each is also a `learn_<name>` key of the node config (no heavy imports:
+the config loads this on nodes that run no model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LearnSettings:
+    round_deadline_s: float = 900.0  # a round not finished by then closes with the rewards it has
+    round_interval_s: float = 60.0  # least time between the starts of two rounds
+    takeover_s: float = 30.0  # the i-th matchmaker candidate acts after i of these
+    member_ttl_s: float = 120.0  # membership records expire unless refreshed
+    transfer_prompts: int = 32  # public prompts a teacher answers per round
+    max_tokens: int = 256  # per teacher answer
+    local_steps: int = 60  # training steps on the node's own data
+    round_steps: int = 30  # training steps of a student per round
+    lr: float = 1e-3
+    latency_target_s: float = 0.5  # per token, for requests served while a shadow trains
+    tick_s: float = 1.0  # not a config key: how often the node looks at the ledger's learning records
+    val_fraction: float = 0.2  # not a config key
