@@ -87,7 +87,14 @@ async def start(
 
 
 async def profiles_held(node: Proc, client: httpx.AsyncClient) -> int:
-    entries = (await client.get(f"{node.api}/v1/ledger", headers=node.headers)).json()["entries"]
+    for attempt in range(3):
+        try:
+            entries = (await client.get(f"{node.api}/v1/ledger", headers=node.headers)).json()["entries"]
+            break
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection the server closed (idle past Hypercorn's 5 s) just as it was reused.
+            if attempt == 2:
+                raise
     return sum(1 for e in entries if e["kind"] == "profile" and not e["deleted"])
 
 

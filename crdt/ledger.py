@@ -37,7 +37,11 @@ from knexa.crdt.signing import Signer, Verifier
 from knexa.crdt.store import LedgerStore
 from knexa.crdt.validation import EntryValidator, Limits, RejectReason, is_well_typed
 
-DEFAULT_PROFILE_TTL_S = 120.0
+# Every refresh (each TTL/3) reaches every node through several mesh peers, and a
+# GossipSub message costs a Python node about 2 ms to send or receive: that traffic
+# grows with the mesh, and at 120 s it was 4% of a core per daemon at 50 nodes.
+# Changes (model, adapters, skills, reachability) are published when they happen.
+DEFAULT_PROFILE_TTL_S = 300.0
 DEFAULT_REPORT_TTL_S = 24 * 3600.0
 # How long an expired entry is kept as a tombstone before `prune` forgets it.
 DEFAULT_PRUNE_GRACE_S = 3600.0

@@ -39,9 +39,13 @@ class _GossipSub(GossipSub):
 def build_gossipsub() -> GossipSub:
     return _GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        # Each node sends every message to each mesh peer and receives it from
+        # each: with go-libp2p's 6/4/12, meshes filled towards 12 and an idle
+        # node sent 8.5 copies per ledger delta. A smaller mesh still keeps a
+        # 50-node mesh within 3-4 hops, and anti-entropy repairs what it misses.
+        degree=4,
+        degree_low=3,
+        degree_high=6,
         heartbeat_interval=1,
         # Eclipse protection wants peers from several IPs in every mesh, which
         # a LAN or a loopback testnet cannot offer; peers are authenticated

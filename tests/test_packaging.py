@@ -60,3 +60,14 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(site)
     assert "start" in result.stdout and "peers" in result.stdout
+
+
+def test_a_node_without_a_model_never_imports_torch():
+    # A bootstrap or relay node (model = none) and every CLI command start in under a second without torch
+    # and transformers, which take seconds and hundreds of MiB per process to import.
+    code = (
+        "import sys, knexa.node.daemon, knexa.cli.main; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from knexa.node.learn.service import LearnError
+from knexa.node.learn.errors import LearnError
 
 if TYPE_CHECKING:
     from knexa.node.daemon import Daemon

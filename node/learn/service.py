@@ -30,6 +30,7 @@ from libp2p.peer.id import ID as PeerID
 from knexa.net.rpc import ErrorCode, RpcError, RpcService, sign_payload, verify_detached
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
+from knexa.node.learn.errors import LearnError
 from knexa.node.learn.linucb import Candidate, pair_context, profile_vector
 from knexa.node.learn.rounds import (
     MatchmakerState,
@@ -65,14 +66,6 @@ TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
-
-
-class LearnError(Exception):
-    """`code`: bad_request (the data file), busy, unavailable (no model)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
