@@ -27,7 +27,15 @@ from knexa.node.engine import (
     UnknownAdapter,
 )
 from knexa.node.engine.errors import InvalidMessages
-from knexa.node.engine.training import IGNORE, TrainingPolicy, TrainingRun, collate, encode_example, weighted_loss
+from knexa.node.engine.training import (
+    IGNORE,
+    TrainingPolicy,
+    TrainingRun,
+    answer_positions,
+    collate,
+    encode_example,
+    weighted_loss,
+)
 from tests.engine_helpers import engine_config, eventually, greedy, shared_tiny_model
 
 QUESTION = "What is the capital of France?"
@@ -101,17 +109,32 @@ def test_a_step_in_pieces_covers_its_batch_once_and_divides_by_the_whole_weight(
     assert sorted(seen[:5]) == [0, 1, 2, 3, 4]
 
 
+def full_logits_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The loss written the plain way, over every position's logits."""
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape[0], -1)
+    counted = (labels[:, 1:] != IGNORE).float()
+    per_row = (per_token * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+    return (per_row * weights).sum() / weights.sum()
+
+
 def test_weighted_loss_in_pieces_equals_the_whole_batch_and_weights_scale_rows() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11)
     labels = torch.tensor([[IGNORE, IGNORE, 4, 5, 6], [IGNORE, 3, 3, IGNORE, IGNORE], [IGNORE, 1, 2, 3, 4]])
     weights = torch.tensor([1.0, 0.0, 3.0])
-    whole = weighted_loss(logits, labels, weights)
-    pieces = sum(weighted_loss(logits[i : i + 1], labels[i : i + 1], weights[i : i + 1], 4.0) for i in range(3))
+
+    def loss(rows: list[int], total: float | None = None) -> torch.Tensor:
+        return weighted_loss(logits[rows][answer_positions(labels[rows])], labels[rows], weights[rows], total)
+
+    whole = loss([0, 1, 2])
+    # Logits only at the answer positions give the loss computed over every position.
+    assert float(whole) == pytest.approx(float(full_logits_loss(logits, labels, weights)))
+    pieces = sum(loss([i], 4.0) for i in range(3))
     assert float(pieces) == pytest.approx(float(whole))
     # A weight-0 row adds nothing; the rest is the weighted mean of row means.
-    without = weighted_loss(logits[[0, 2]], labels[[0, 2]], weights[[0, 2]])
-    assert float(without) == pytest.approx(float(whole))
+    assert float(loss([0, 2])) == pytest.approx(float(whole))
 
 
 def test_loss_falls_on_the_answer_and_its_end_only_and_long_prompts_are_cut_from_the_left() -> None:

@@ -36,7 +36,7 @@ from .queue import RequestQueue
 from .requests import ScoreResult
 from .sampler import new_generator, pick_tokens
 from .stats import EngineStats
-from .training import TrainingPolicy, TrainingRun, collate, encode_example, weighted_loss
+from .training import TrainingPolicy, TrainingRun, answer_positions, collate, encode_example, weighted_loss
 
 CRASH_WINDOW_S = 60.0
 ONE_SHOTS_PER_STEP = 2
@@ -462,7 +462,7 @@ class Worker:
         with torch.enable_grad():
             ids, mask, labels, weights = collate(piece, pad if pad is not None else 0, model.device)
             output = model.runnable(
-                input_ids=ids, attention_mask=mask, use_cache=False,
+                input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=answer_positions(labels),
                 **model.adapters.forward_kwargs([run.spec.shadow_id] * len(piece)),
             )
             loss = weighted_loss(output.logits, labels, weights, step_weight)
