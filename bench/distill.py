@@ -8,8 +8,9 @@ unit conversion, string manipulation, day-of-week reasoning), each with its own 
 SmolLM2. All three conditions start from the same locally trained adapters, use the same seeds and give every
 agent the same number of training steps a round:
 - local: every agent trains on its own data only;
-- random: disjoint pairs drawn at random; the student trains on (1 - alpha) own data + alpha teacher answers,
-  teachers and unpaired agents train on their own data;
+- random: disjoint pairs drawn at random; the student trains on (1 - alpha) own data + alpha teacher answers
+  (those in categories where the teacher validated better than the student, as the daemon does), teachers and
+  unpaired agents train on their own data;
 - linucb: pairs chosen by the LinUCB matchmaker (knexa.node.learn.rounds), rewarded with the students'
   z-scored validation gains.
 A shadow adapter replaces the live one only if it validates better. The agents share one engine in this
@@ -37,8 +38,8 @@ from knexa.node.learn.linucb import Candidate, profile_vector, random_pairs
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
 
 CONDITIONS = ("local", "random", "linucb")
-REDUCED = dict(agents=4, rounds=3, per_category=40, test_per_category=8, transfer=16, teacher_tokens=32,
-               steps=16, warmup_steps=48, seeds=1, concurrency=8, max_batch=8)
+REDUCED = dict(agents=4, rounds=4, per_category=80, test_per_category=12, transfer=32, teacher_tokens=24,
+               steps=24, warmup_steps=48, seeds=1, concurrency=16, max_batch=16)
 FULL = dict(agents=6, rounds=8, per_category=120, test_per_category=25, transfer=32, teacher_tokens=256,
             steps=30, warmup_steps=60, seeds=2, concurrency=48, max_batch=48)
 
@@ -65,10 +66,13 @@ class Agent:
 def make_agents(args: argparse.Namespace, seed: int) -> tuple[list[Agent], list[tasks.Example]]:
     pool = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.per_category, seed)]
     shards = tasks.dirichlet_split(pool, args.agents, alpha=args.dirichlet, seed=seed)
+    # --public-val: a validation set of every category that all agents share, beside their own skewed split,
+    # so that what a student learns outside its own skills can show in its reward and promotion.
+    public = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.public_val, seed + 20_000)]
     agents = []
     for i, shard in enumerate(shards):
         train, val = tasks.split_train_val(shard, 0.25, seed=seed + i)
-        agents.append(Agent(i, train, val))
+        agents.append(Agent(i, train, val + public))
     test = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.test_per_category, seed + 10_000)]
     return agents, test
 
@@ -123,8 +127,9 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
                 teacher = by_name[pair.teacher]
                 answers = await learner.teacher_answers(engine, teacher.live, prompts, args.teacher_tokens,
                                                         seed=seed * 7919 + round_no, concurrency=args.concurrency)
-                examples = learner.mixed_examples(a.train, list(zip(prompts, answers, strict=True)),
-                                                  alpha_for(round_no))
+                useful = tasks.answers_worth_learning(zip(prompts, answers, strict=True),
+                                                      teacher.evaluation.skills, a.evaluation.skills)
+                examples = learner.mixed_examples(a.train, useful, alpha_for(round_no))
             outcome = await train(engine, a, examples, args.steps, args, seed + round_no)
             if pair is not None:
                 rewards[a.name] = RewardReport(round_no, a.name, pair.teacher, outcome.gain,
@@ -161,14 +166,15 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
 
 async def main(args: argparse.Namespace) -> dict[str, list[list[float]]]:
     config = EngineConfig(model=None if args.model == "embedded" else Path(args.model), device=args.device,
-                          max_batch=args.max_batch, max_queue=4 * args.max_batch, show_progress=True)
+                          max_batch=args.max_batch, max_queue=4 * args.max_batch, show_progress=True,
+                          torch_threads=args.threads)
     started = time.perf_counter()
     curves: dict[str, list[list[float]]] = {c: [] for c in args.conditions}
     with tempfile.TemporaryDirectory(prefix="knexa-distill-") as scratch:
         async with Engine.open(config) as engine:
             status = engine.status()
             print(f"model {status['model']['name']} on {status['device']} ({status['dtype']})", flush=True)
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for condition, curve in (await run_seed(engine, args, seed, Path(scratch))).items():
                     curves[condition].append(curve)
     mean = {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
@@ -221,9 +227,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default=None)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
-    parser.add_argument("--dirichlet", type=float, default=0.3)
+    parser.add_argument("--dirichlet", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--public-val", type=int, default=0,
+                        help="shared validation examples per category added to every agent's own (default none)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the engine's, all cores but one)")
     for name, value in REDUCED.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"reduced: {value}, "
                             f"full: {FULL[name]}")

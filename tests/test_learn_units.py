@@ -109,6 +109,20 @@ def test_skill_scores_are_accuracy_per_category() -> None:
     assert tasks.skill_scores([(a, True), (a, False), (b, True)]) == {"arithmetic": 0.5, "strings": 1.0}
 
 
+def test_a_student_learns_only_what_its_teacher_validated_better() -> None:
+    units = tasks.generate_examples("units", 1, 0)[0].prompt
+    dates = tasks.generate_examples("dates", 1, 0)[0].prompt
+    strings = tasks.generate_examples("strings", 1, 0)[0].prompt
+    answers = [(units, "3000"), (dates, "Friday"), (strings, "GRAPH"), ("Tell me a story.", "Once...")]
+    teacher = {"units": 0.9, "dates": 0.2, tasks.GENERAL: 0.5}
+    student = {"dates": 0.6, tasks.GENERAL: 0.5}
+    # units: the student has no score (0); dates: the student is better; strings: the teacher never validated
+    # any; general: a tie.
+    assert tasks.answers_worth_learning(answers, teacher, student) == [(units, "3000")]
+    # Unclassified prompts with no teacher score to judge them by are kept.
+    assert tasks.answers_worth_learning(answers[3:], {}, student) == answers[3:]
+
+
 # -- LinUCB ------------------------------------------------------------------------------------------
 
 

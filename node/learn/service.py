@@ -208,9 +208,10 @@ class LearnService:
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
                            "examples": len(self.train) + len(self.val)}, self.settings.member_ttl_s)
 
-    def members(self) -> dict[str, Candidate]:
+    def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
+        """Each live member's validation accuracy and skills, as it published them."""
         ledger = self._ledger()
-        out: dict[str, Candidate] = {}
+        out: dict[str, tuple[float, dict[str, float]]] = {}
         for author, record in (ledger.learn_records(MEMBER) if ledger else {}).items():
             try:
                 accuracy = float(record["accuracy"])
@@ -220,8 +221,12 @@ class LearnService:
             except (KeyError, TypeError, ValueError):
                 self._count("bad member record")
                 continue
-            out[author] = Candidate(author, profile_vector(skills, accuracy), accuracy)
+            out[author] = (accuracy, skills)
         return out
+
+    def members(self) -> dict[str, Candidate]:
+        return {author: Candidate(author, profile_vector(skills, accuracy), accuracy)
+                for author, (accuracy, skills) in self._member_records().items()}
 
     def current_state(self) -> MatchmakerState | None:
         ledger = self._ledger()
@@ -368,7 +373,10 @@ class LearnService:
         try:
             async with self._training:
                 engine = self._engine()
-                examples = learner.mixed_examples(self.train, list(transfer.items), alpha)
+                teacher = self._member_records().get(transfer.teacher)
+                own = self.evaluation.skills if self.evaluation else {}
+                answers = tasks.answers_worth_learning(transfer.items, teacher[1] if teacher else {}, own)
+                examples = learner.mixed_examples(self.train, answers, alpha)
                 outcome = await self._train_and_keep(engine, examples, self.settings.round_steps)
                 if outcome.swapped:
                     self._on_skills(dict(outcome.skills))
@@ -376,7 +384,8 @@ class LearnService:
                                   max(-1.0, min(1.0, outcome.gain)), outcome.accuracy_after, outcome.swapped)
             self._put(REWARD, reward.to_dict(), None)
             self._write_member()
-            record.detail = {**outcome.to_dict(), "alpha": alpha}
+            record.detail = {**outcome.to_dict(), "alpha": alpha, "answers_used": len(answers),
+                             "answers_received": len(transfer.items)}
             log.info("event=studied round=%d gain=%.3f swapped=%s", transfer.round_no, outcome.gain,
                      outcome.swapped)
         except Exception as exc:  # no reward: the round closes at its deadline without this pair

@@ -10,7 +10,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,25 @@ def category_of(prompt: str) -> str:
         if marker in prompt:
             return example_category
     return GENERAL
+
+
+def answers_worth_learning(
+    answers: Iterable[tuple[str, str]], teacher_skills: Mapping[str, float], own_skills: Mapping[str, float]
+) -> list[tuple[str, str]]:
+    """The teacher's answers in the categories where it validated better than the student (a category the
+    student never validated counts as 0). A skewed peer's answers outside its own skills are mostly wrong and
+    would train the student away from what it already does well. Prompts of no known category are kept when
+    the teacher has no score to judge them by."""
+    kept = []
+    for prompt, answer in answers:
+        category = category_of(prompt)
+        teacher = teacher_skills.get(category)
+        if teacher is None:
+            if category == GENERAL:
+                kept.append((prompt, answer))
+        elif teacher > own_skills.get(category, 0.0):
+            kept.append((prompt, answer))
+    return kept
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
