@@ -374,6 +374,8 @@ class LearnService:
             async with self._training:
                 engine = self._engine()
                 teacher = self._member_records().get(transfer.teacher)
+                if teacher is None:  # its skills unknown: only answers of no known category are kept
+                    self._count("transfer from a teacher with no member record")
                 own = self.evaluation.skills if self.evaluation else {}
                 answers = tasks.answers_worth_learning(transfer.items, teacher[1] if teacher else {}, own)
                 examples = learner.mixed_examples(self.train, answers, alpha)
