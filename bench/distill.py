@@ -13,7 +13,9 @@ agent the same number of training steps a round:
   unpaired agents train on their own data;
 - linucb: pairs chosen by the LinUCB matchmaker (knexa.node.learn.rounds), rewarded with the students'
   z-scored validation gains.
-A shadow adapter replaces the live one only if it validates better. The agents share one engine in this
+Every agent validates on its own split plus a validation set of every category that all agents share
+(`--public-val`, as the daemon's `learn_public_validation`). A shadow adapter replaces the live one only if it
+validates better. The agents share one engine in this
 process (one adapter pair each); the same steps over the real mesh are tested in tests/test_learn_mesh.py.
 Accuracy is measured on a held-out test set of all categories, the mean over agents.
 """
@@ -66,9 +68,8 @@ class Agent:
 def make_agents(args: argparse.Namespace, seed: int) -> tuple[list[Agent], list[tasks.Example]]:
     pool = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.per_category, seed)]
     shards = tasks.dirichlet_split(pool, args.agents, alpha=args.dirichlet, seed=seed)
-    # --public-val: a validation set of every category that all agents share, beside their own skewed split,
-    # so that what a student learns outside its own skills can show in its reward and promotion.
-    public = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.public_val, seed + 20_000)]
+    # As the daemon does (learn_public_validation), but drawn anew for each benchmark seed.
+    public = tasks.public_validation(args.public_val, seed + 20_000)
     agents = []
     for i, shard in enumerate(shards):
         train, val = tasks.split_train_val(shard, 0.25, seed=seed + i)
@@ -230,8 +231,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dirichlet", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--public-val", type=int, default=0,
-                        help="shared validation examples per category added to every agent's own (default none)")
+    parser.add_argument("--public-val", type=int, default=4,
+                        help="shared validation examples per category added to every agent's own (default 4, "
+                        "as the daemon's learn_public_validation)")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the engine's, all cores but one)")

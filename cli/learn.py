@@ -15,8 +15,10 @@ def _short(peer: str) -> str:
 def print_learn(console: Any, status: dict[str, Any]) -> None:
     accuracy = status.get("accuracy")
     examples = status["examples"]
+    shared = examples.get("shared_validation", 0)
     console.print(f"phase: {status['phase']}  adapter: {status['adapter']}  examples: "
-                  f"{examples['train']} train / {examples['validation']} validation", highlight=False)
+                  f"{examples['train']} train / {examples['validation']} validation"
+                  + (f" (+ {shared} shared)" if shared else ""), highlight=False)
     if accuracy is not None:
         skills = ", ".join(f"{k} {v:.2f}" for k, v in sorted(status["skills"].items()))
         console.print(f"validation accuracy: {accuracy:.3f}  skills: {skills or '-'}", highlight=False)

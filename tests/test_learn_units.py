@@ -123,6 +123,16 @@ def test_a_student_learns_only_what_its_teacher_validated_better() -> None:
     assert tasks.answers_worth_learning(answers[3:], {}, student) == answers[3:]
 
 
+def test_the_shared_validation_set_is_the_same_everywhere_and_covers_every_category() -> None:
+    shared = tasks.public_validation(4)
+    assert shared == tasks.public_validation(4) and len(shared) == 4 * len(tasks.CATEGORIES)
+    assert {e.category for e in shared} == set(tasks.CATEGORIES)
+    assert tasks.public_validation(0) == []
+    # Only data of the task family gets it: a node with other data would be judged on unrelated skills.
+    assert tasks.uses_task_family([tasks.Example("p", "a"), shared[0]])
+    assert not tasks.uses_task_family([tasks.Example("p", "a", "poetry")])
+
+
 # -- LinUCB ------------------------------------------------------------------------------------------
 
 
@@ -330,7 +340,8 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
                       {"round": 2, "role": "teacher", "partner": "peer03", "sent": 4}],
         "explain": [{"teacher": "peer00", "student": "peer01", "mean": 0.1, "width": 0.5, "ucb": 0.6}],
     }
-    status = {"phase": "enrolled", "adapter": "learned", "examples": {"train": 8, "validation": 2},
+    status = {"phase": "enrolled", "adapter": "learned",
+              "examples": {"train": 8, "validation": 2, "shared_validation": 16},
               "accuracy": 0.5, "skills": {"dates": 1.0}, "members": ["a", "b"], "round": 2,
               "role": {"role": "teacher", "teacher": "a", "student": "b"}, "last_error": None,
               "local_training": {"training": {"steps": 4, "first_loss": 3.0, "last_loss": 1.0},
@@ -340,7 +351,7 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
     print_learn(console, status)
     text = console.export_text()
     assert "+0.100" in text and "open" in text and "LinUCB scores for round 3" in text
-    assert "validation 0.000 -> 0.500: kept" in text
+    assert "validation 0.000 -> 0.500: kept" in text and "2 validation (+ 16 shared)" in text
     assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
     assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")
 

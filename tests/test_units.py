@@ -65,6 +65,7 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ('dht_mode = "relay"\n', "dht_mode"),
         ('model = "/no/such/folder"\n', "model"),
         ('device = "tpu"\n', "device"),
+        ("learn_public_validation = -1\n", "learn_public_validation"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, text, message):

@@ -97,7 +97,8 @@ class LearnService:
         self._on_skills = on_skills
         self.settings = settings or LearnSettings()
         self.train: list[tasks.Example] = []
-        self.val: list[tasks.Example] = []
+        self.val: list[tasks.Example] = []  # the node's own split, then the shared examples
+        self.shared_val = 0  # how many of val are the shared validation set's
         self.evaluation: learner.Evaluation | None = None
         self.local_outcome: dict[str, Any] | None = None
         self.phase = "idle"  # idle, training, enrolled
@@ -160,9 +161,12 @@ class LearnService:
             try:
                 engine = self._engine()
                 await self._restore_adapter(engine)
-                self.train, self.val = tasks.split_train_val(examples, self.settings.val_fraction, seed=0)
-                if not self.val:
-                    self.val = list(self.train)  # one example: validate on what there is
+                self.train, own_val = tasks.split_train_val(examples, self.settings.val_fraction, seed=0)
+                if not own_val:
+                    own_val = list(self.train)  # one example: validate on what there is
+                shared = (tasks.public_validation(self.settings.public_validation)
+                          if tasks.uses_task_family(examples) else [])
+                self.val, self.shared_val = own_val + shared, len(shared)
                 self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
                 outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
                                                      self.settings.local_steps)
@@ -206,7 +210,8 @@ class LearnService:
             return
         self._member_written = time.monotonic()
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
-                           "examples": len(self.train) + len(self.val)}, self.settings.member_ttl_s)
+                           "examples": len(self.train) + len(self.val) - self.shared_val},
+                  self.settings.member_ttl_s)
 
     def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
         """Each live member's validation accuracy and skills, as it published them."""
@@ -402,7 +407,8 @@ class LearnService:
         return {
             "phase": self.phase,
             "adapter": LIVE_ADAPTER,
-            "examples": {"train": len(self.train), "validation": len(self.val)},
+            "examples": {"train": len(self.train), "validation": len(self.val) - self.shared_val,
+                         "shared_validation": self.shared_val},
             "accuracy": self.evaluation.accuracy if self.evaluation else None,
             "skills": dict(self.evaluation.skills) if self.evaluation else {},
             "local_training": self.local_outcome,

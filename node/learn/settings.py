@@ -18,5 +18,6 @@ class LearnSettings:
     round_steps: int = 30  # training steps of a student per round
     lr: float = 1e-3
     latency_target_s: float = 0.5  # per token, for requests served while a shadow trains
+    public_validation: int = 4  # shared validation examples per category of the built-in task family
     tick_s: float = 1.0  # not a config key: how often the node looks at the ledger's learning records
     val_fraction: float = 0.2  # not a config key

@@ -24,6 +24,7 @@ WORDS = (
     "cat", "dog", "mesh", "node", "peer", "model", "cache", "river", "stone", "cloud", "light", "graph",
     "token", "edge", "relay", "seed", "lamp", "tree", "bird", "apple",
 )
+PUBLIC_VALIDATION_SEED = 20_261_130  # fixed: every node validates on the same shared examples
 UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60), ("minutes", "seconds", 60))
 
 
@@ -86,6 +87,18 @@ def transfer_set(n: int, seed: int) -> list[str]:
     """Public prompts, all categories mixed, with no answers: what a teacher answers for its student."""
     rng = random.Random(f"transfer:{seed}")
     return [_GENERATORS[CATEGORIES[i % len(CATEGORIES)]](rng).prompt for i in range(n)]
+
+
+def public_validation(per_category: int, seed: int = PUBLIC_VALIDATION_SEED) -> list[Example]:
+    """A validation set of every category that all nodes share (the same seed gives the same examples
+    everywhere). A node's own split has its data's skew: what it learns from a teacher in a category it barely
+    holds could not show in its gain or in its promotion without examples of that category."""
+    return [e for c in CATEGORIES for e in generate_examples(c, per_category, seed)]
+
+
+def uses_task_family(examples: Iterable[Example]) -> bool:
+    """Whether the data is of this task family: only then is the shared validation set about the same skills."""
+    return any(e.category in CATEGORIES for e in examples)
 
 
 def category_of(prompt: str) -> str:
