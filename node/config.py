@@ -65,6 +65,7 @@ class NodeConfig:
     learn_lr: float = LearnSettings.lr
     learn_latency_target_s: float = LearnSettings.latency_target_s
     learn_public_validation: int = LearnSettings.public_validation
+    learn_transfer_file: str = LearnSettings.transfer_file
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
     reachability: str = "auto"  # auto, public, private
     relay_service: str = "auto"  # auto (serve once public), on, off
@@ -139,6 +140,13 @@ class NodeConfig:
             raise ConfigError("learn_local_steps and learn_round_steps must be at least 1, learn_lr in (0, 1)")
         if not 0 <= self.learn_public_validation <= 256:
             raise ConfigError("learn_public_validation must be in 0..256")
+        if self.learn_transfer_file:
+            from knexa.node.learn.tasks import DataError, load_prompts
+
+            try:
+                load_prompts(Path(self.learn_transfer_file))
+            except DataError as exc:
+                raise ConfigError(f"learn_transfer_file: {exc}") from None
         try:
             self.skill_vector()
         except ValueError as exc:

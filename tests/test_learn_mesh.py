@@ -53,11 +53,11 @@ class Node:
         self.daemon = None
         self.scope = trio.CancelScope()
 
-    async def run(self, data_dir: Path, bootstrap: list[str], model: str, cache: Path, steps: int,
+    async def run(self, data_dir: Path, bootstrap: list[str], model: str, cache: Path, settings: dict,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         with self.scope:
             async with running_daemon(data_dir, bootstrap, model=model, cache_dir=cache,
-                                      **{**LEARN, "learn_local_steps": steps}) as daemon:
+                                      **{**LEARN, **settings}) as daemon:
                 self.daemon = daemon
                 task_status.started()
                 await trio.sleep_forever()
@@ -68,12 +68,12 @@ async def post(daemon, path: str, body: dict) -> httpx.Response:
         return await client.post(path, json=body, headers={"Authorization": f"Bearer {daemon.api_token}"})
 
 
-async def start_mesh(nursery: trio.Nursery, tmp_path: Path, model: str, steps: list[int]) -> list[Node]:
+async def start_mesh(nursery: trio.Nursery, tmp_path: Path, model: str, steps: list[int], **settings) -> list[Node]:
     nodes: list[Node] = []
     for i, n_steps in enumerate(steps):
         node = Node()
         await nursery.start(node.run, tmp_path / f"n{i}", [p2p_addr(n.daemon) for n in nodes], model,
-                            tmp_path / "cache", n_steps)
+                            tmp_path / "cache", {**settings, "learn_local_steps": n_steps})
         await wait_for(lambda d=node.daemon: d.inference.status()["state"] == "ready", 60)
         nodes.append(node)
     return nodes
@@ -92,8 +92,12 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
         await original(self, data)
 
     monkeypatch.setattr(FramedStream, "send_raw", recording)
+    # A given public transfer set (prompts only): teachers answer its prompts, never the answers beside them.
+    given = tmp_path / "transfer.jsonl"
+    given.write_text("".join(json.dumps({"prompt": f"Name the public colour {i}.", "answer": "zqgivenkept"}) + "\n"
+                             for i in range(6)))
     async with trio.open_nursery() as nursery:
-        nodes = await start_mesh(nursery, tmp_path, tiny_model, [2000, 6, 6, 6])
+        nodes = await start_mesh(nursery, tmp_path, tiny_model, [2000, 6, 6, 6], learn_transfer_file=str(given))
         daemons = [n.daemon for n in nodes]
         busy = daemons[0]
         # Serving during training: node 0 trains for 2000 steps; a request sent meanwhile is answered.
@@ -129,6 +133,7 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
 
         # On the wire: no private answer, no byte run of any node's adapter weights.
         wire = b"".join(sent)
+        assert b"Name the public colour" in wire and b"zqgivenkept" not in wire  # its prompts, answered
         for i, daemon in enumerate(daemons):
             for row in range(8):
                 assert private_answer(i, row).encode() not in wire

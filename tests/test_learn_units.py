@@ -104,6 +104,23 @@ def test_jsonl_loader_names_the_bad_line(tmp_path: Path) -> None:
         tasks.load_jsonl(big, max_bytes=10)
 
 
+def test_a_given_transfer_set_gives_prompts_only_and_a_seeded_share_each_round(tmp_path: Path) -> None:
+    given = tmp_path / "transfer.jsonl"
+    rows = [{"prompt": f"Name colour {i}.", "answer": "a secret the teacher must not see"} for i in range(10)]
+    given.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = tasks.load_prompts(given)
+    assert prompts == [f"Name colour {i}." for i in range(10)]
+    share = tasks.sample_prompts(prompts, 4, seed=3)
+    assert share == tasks.sample_prompts(prompts, 4, seed=3) and len(set(share)) == 4 and set(share) <= set(prompts)
+    assert share != tasks.sample_prompts(prompts, 4, seed=4)
+    assert sorted(tasks.sample_prompts(prompts, 32, seed=3)) == sorted(prompts)  # fewer than asked: all of them
+    for text, fragment in [('{"answer": "a"}\n', ":1: 'prompt' must be a non-empty string"),
+                           ('{"prompt": "p"}\n"p"\n', ":2: not a JSON object"), ("\n", "holds no prompts")]:
+        given.write_text(text)
+        with pytest.raises(tasks.DataError, match=fragment):
+            tasks.load_prompts(given)
+
+
 def test_skill_scores_are_accuracy_per_category() -> None:
     a, b = tasks.Example("x", "1", "arithmetic"), tasks.Example("y", "CAT", "strings")
     assert tasks.skill_scores([(a, True), (a, False), (b, True)]) == {"arithmetic": 0.5, "strings": 1.0}

@@ -66,6 +66,7 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ('model = "/no/such/folder"\n', "model"),
         ('device = "tpu"\n', "device"),
         ("learn_public_validation = -1\n", "learn_public_validation"),
+        ('learn_transfer_file = "/no/such/transfer.jsonl"\n', "learn_transfer_file: cannot read"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, text, message):

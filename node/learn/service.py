@@ -313,13 +313,22 @@ class LearnService:
         log.info("event=round_planned round=%d pairs=%s", plan.round_no,
                  ",".join(f"{p.teacher[-6:]}->{p.student[-6:]}" for p in plan.pairs))
 
+    async def _transfer_prompts(self, seed: int) -> list[str]:
+        """This round's public prompts: drawn from the given transfer set if there is one, else generated."""
+        s = self.settings
+        if not s.transfer_file:
+            return tasks.transfer_set(s.transfer_prompts, seed)
+        # Read anew each round (the user may replace the file), off the trio loop: up to 64 MiB.
+        given = await trio.to_thread.run_sync(tasks.load_prompts, Path(s.transfer_file))
+        return tasks.sample_prompts(given, s.transfer_prompts, seed)
+
     async def _teach(self, plan: Any, student: str) -> None:
         """Answer the public transfer set with the live adapter and send it to the student."""
         s = self.settings
         record = self._log(RoundLog(plan.round_no, "teacher", student))
         try:
             engine = self._engine()
-            prompts = tasks.transfer_set(s.transfer_prompts, plan.transfer_seed)
+            prompts = await self._transfer_prompts(plan.transfer_seed)
             answers = await learner.teacher_answers(engine, LIVE_ADAPTER, prompts, s.max_tokens,
                                                     seed=plan.round_no * 7919)
             transfer = TransferSet(plan.round_no, self.peer_id, student, tuple(zip(prompts, answers, strict=True)))

@@ -19,5 +19,6 @@ class LearnSettings:
     lr: float = 1e-3
     latency_target_s: float = 0.5  # per token, for requests served while a shadow trains
     public_validation: int = 4  # shared validation examples per category of the built-in task family
+    transfer_file: str = ""  # a given public transfer set, JSONL of {"prompt"} rows; empty: the shipped one
     tick_s: float = 1.0  # not a config key: how often the node looks at the ledger's learning records
     val_fraction: float = 0.2  # not a config key

@@ -10,9 +10,10 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 CATEGORIES = ("arithmetic", "units", "strings", "dates")
 GENERAL = "general"
@@ -26,6 +27,9 @@ WORDS = (
 )
 PUBLIC_VALIDATION_SEED = 20_261_130  # fixed: every node validates on the same shared examples
 UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60), ("minutes", "seconds", 60))
+
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -206,8 +210,8 @@ def skill_scores(results: Iterable[tuple[Example, bool]]) -> dict[str, float]:
     return {c: right[c] / seen[c] for c in sorted(seen)}
 
 
-def load_jsonl(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS) -> list[Example]:
-    """The user's private data: one {"prompt", "answer", "category"?} object per line."""
+def _read_rows(path: Path, parse: Callable[[bytes, str], T], noun: str, max_bytes: int, max_rows: int
+               ) -> list[T]:
     path = path.expanduser()
     try:
         size = path.stat().st_size
@@ -215,38 +219,62 @@ def load_jsonl(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
     if size > max_bytes:
         raise DataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
-    examples: list[Example] = []
+    rows: list[T] = []
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
-            if len(examples) >= max_rows:
+            if len(rows) >= max_rows:
                 raise DataError(f"{path}: more than {max_rows} rows")
-            examples.append(_row(raw, f"{path}:{number}"))
-    if not examples:
-        raise DataError(f"{path} holds no examples")
-    return examples
+            rows.append(parse(raw, f"{path}:{number}"))
+    if not rows:
+        raise DataError(f"{path} holds no {noun}")
+    return rows
 
 
-def _row(raw: bytes, where: str) -> Example:
+def load_jsonl(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS) -> list[Example]:
+    """The user's private data: one {"prompt", "answer", "category"?} object per line."""
+    return _read_rows(path, _row, "examples", max_bytes, max_rows)
+
+
+def load_prompts(path: Path, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS) -> list[str]:
+    """A given public transfer set: one {"prompt"} object per line (any other field is ignored: a teacher
+    gets prompts only)."""
+    return _read_rows(path, lambda raw, where: _text_field(_object(raw, where), "prompt", where), "prompts",
+                      max_bytes, max_rows)
+
+
+def sample_prompts(prompts: Sequence[str], n: int, seed: int) -> list[str]:
+    """The round's share of a given transfer set: n prompts drawn without replacement by the round's seed."""
+    return random.Random(f"transfer:{seed}").sample(list(prompts), min(n, len(prompts)))
+
+
+def _object(raw: bytes, where: str) -> dict:
     try:
         row = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not a JSON object ({exc})") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: not a JSON object")
-    fields = {}
-    for name in ("prompt", "answer"):
-        value = row.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: {name!r} must be a non-empty string")
-        if len(value) > MAX_FIELD_CHARS:
-            raise DataError(f"{where}: {name!r} is longer than {MAX_FIELD_CHARS} characters")
-        fields[name] = value
+    return row
+
+
+def _text_field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {name!r} must be a non-empty string")
+    if len(value) > MAX_FIELD_CHARS:
+        raise DataError(f"{where}: {name!r} is longer than {MAX_FIELD_CHARS} characters")
+    return value
+
+
+def _row(raw: bytes, where: str) -> Example:
+    row = _object(raw, where)
+    prompt, answer = _text_field(row, "prompt", where), _text_field(row, "answer", where)
     category = row.get("category", GENERAL)
     if not isinstance(category, str) or not 0 < len(category) <= 64:
         raise DataError(f"{where}: 'category' must be a string of 1-64 characters")
-    return Example(fields["prompt"], fields["answer"], category)
+    return Example(prompt, answer, category)
 
 
 def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
