@@ -178,22 +178,40 @@ async def main(args: argparse.Namespace) -> dict[str, list[list[float]]]:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for condition, curve in (await run_seed(engine, args, seed, Path(scratch))).items():
                     curves[condition].append(curve)
-    mean = {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
-    print(f"\nmean test accuracy over agents and {args.seeds} seed(s), per round (round 0 = after local warm-up):")
-    print("round  " + "  ".join(f"{c:>7s}" for c in args.conditions))
-    for r in range(args.rounds + 1):
-        print(f"{r:5d}  " + "  ".join(f"{mean[c][r]:7.3f}" for c in args.conditions))
-    base = mean.get("local", [0.0])[-1]
-    for c in args.conditions:
-        gain = mean[c][-1] - mean[c][0]
-        ratio = mean[c][-1] / base if base else float("nan")
-        print(f"{c:6s}: final {mean[c][-1]:.3f}, gain over warm-up {gain:+.3f}, final / local-only {ratio:.2f}")
+    report(curves)
     print(f"total {time.perf_counter() - started:.0f}s")
     return curves
 
 
+def mean_curves(curves: dict[str, list[list[float]]]) -> dict[str, list[float]]:
+    return {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
+
+
+def report(curves: dict[str, list[list[float]]]) -> None:
+    mean = mean_curves(curves)
+    runs = len(next(iter(curves.values())))
+    print(f"\nmean test accuracy over agents and {runs} run(s), per round (round 0 = after local warm-up):")
+    print("round  " + "  ".join(f"{c:>7s}" for c in mean))
+    for r in range(len(next(iter(mean.values())))):
+        print(f"{r:5d}  " + "  ".join(f"{mean[c][r]:7.3f}" for c in mean))
+    base = mean.get("local", [0.0])[-1]
+    for c, values in mean.items():
+        ratio = values[-1] / base if base else float("nan")
+        print(f"{c:6s}: final {values[-1]:.3f}, gain over warm-up {values[-1] - values[0]:+.3f}, "
+              f"final / local-only {ratio:.2f}")
+
+
+def merge(paths: list[str]) -> dict[str, list[list[float]]]:
+    """The curves of earlier runs (their --json files), for one mean over all their seeds."""
+    curves: dict[str, list[list[float]]] = {}
+    for path in paths:
+        for condition, runs in json.loads(Path(path).read_text())["curves"].items():
+            curves.setdefault(condition, []).extend(runs)
+    return curves
+
+
 def write_outputs(curves: dict[str, list[list[float]]], args: argparse.Namespace) -> None:
-    mean = {c: [statistics.fmean(vals) for vals in zip(*runs, strict=True)] for c, runs in curves.items()}
+    mean = mean_curves(curves)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "curves": curves, "mean": mean}, indent=1))
     if args.plot:
@@ -241,6 +259,8 @@ def parse_args() -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"reduced: {value}, "
                             f"full: {FULL[name]}")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: average the curves of earlier runs' --json files (and --plot them)")
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     for name, value in (FULL if args.full else REDUCED).items():
@@ -251,4 +271,10 @@ def parse_args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    write_outputs(trio.run(main, arguments), arguments)
+    if arguments.merge:
+        merged = merge(arguments.merge)
+        arguments.seeds = len(next(iter(merged.values())))
+        report(merged)
+        write_outputs(merged, arguments)
+    else:
+        write_outputs(trio.run(main, arguments), arguments)
