@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +97,26 @@ def stop_daemon(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) ->
     return time.monotonic() - started
 
 
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, systemd, docker stop) stops the mesh as Ctrl-C does. The daemons run in sessions of their
+    own, so SIGTERM's default action, exiting at once, would leave them running with nobody to stop them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Console, model: str = "none") -> None:
+    with terminate_as_interrupt():
+        _run_testnet(count, keep=keep, base_dir=base_dir, console=console, model=model)
+
+
+def _run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Console, model: str) -> None:
     if model == "embedded":
         prepare_embedded_model(console)
     with ExitStack() as stack:
@@ -128,8 +149,12 @@ def run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Conso
             print_peers(console, node.get("/v1/node"), node.get("/v1/peers")["peers"])
             console.print()
         if keep:
-            console.print("mesh running; Ctrl-C stops it", highlight=False)
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            try:
+                console.print("mesh running; Ctrl-C stops it", highlight=False)
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way out of --keep
+                pass
         took = [stop_daemon(n.process) for n in nodes]
         console.print(f"stopped {count} nodes (slowest shutdown {max(took):.2f}s)", highlight=False)
 

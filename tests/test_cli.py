@@ -201,6 +201,42 @@ def test_testnet_command_forms_a_mesh(tmp_path):
     assert result.stdout.count("2 peer(s) connected") == 3
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_testnet_keep_stops_its_daemons_on_sigterm(tmp_path):
+    """kill / systemd / docker stop send SIGTERM: the daemons (in sessions of their own) must stop too."""
+    process = subprocess.Popen(
+        [*CLI, "testnet", "--nodes", "2", "--keep", "--base-dir", str(tmp_path), "--model", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    pids: list[int] = []
+    try:
+        output = ""
+        deadline = time.monotonic() + 60
+        while "mesh running" not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line, output  # exited early
+            output += line
+        pids = [json.loads((tmp_path / f"node-{i}" / "daemon.json").read_text())["pid"] for i in range(2)]
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=30)
+        left_running = [pid for pid in pids if _alive(pid)]
+    finally:
+        process.kill()
+        for pid in pids:  # a failed run leaves nothing behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "stopped 2 nodes" in rest, (process.returncode, output + rest)
+    assert not left_running
+    assert not any(tmp_path.glob("node-*/daemon.json"))  # each daemon stopped cleanly and removed its state
+
+
 def test_help_lists_commands():
     result = cli("--help")
     assert result.returncode == 0
