@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,12 +149,10 @@ def _run_testnet(count: int, *, keep: bool, base_dir: Path | None, console: Cons
             print_peers(console, node.get("/v1/node"), node.get("/v1/peers")["peers"])
             console.print()
         if keep:
-            try:
+            with suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: the way out of --keep
                 console.print("mesh running; Ctrl-C stops it", highlight=False)
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way out of --keep
-                pass
         took = [stop_daemon(n.process) for n in nodes]
         console.print(f"stopped {count} nodes (slowest shutdown {max(took):.2f}s)", highlight=False)
 

@@ -124,6 +124,11 @@ class LearnService:
                 except Exception as exc:  # one bad tick (a record we cannot use) must not stop the rounds
                     log.warning('event=learn_tick_failed reason="%s: %s"', type(exc).__name__, exc)
 
+    @property
+    def own_validation(self) -> int:
+        """How many validation examples come from the node's own data."""
+        return len(self.val) - self.shared_val
+
     # -- local learning --------------------------------------------------------------------------
     async def _read(self, data_file: Path) -> list[tasks.Example]:
         if self._training.locked():
@@ -210,7 +215,7 @@ class LearnService:
             return
         self._member_written = time.monotonic()
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
-                           "examples": len(self.train) + len(self.val) - self.shared_val},
+                           "examples": len(self.train) + self.own_validation},
                   self.settings.member_ttl_s)
 
     def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
@@ -416,7 +421,7 @@ class LearnService:
         return {
             "phase": self.phase,
             "adapter": LIVE_ADAPTER,
-            "examples": {"train": len(self.train), "validation": len(self.val) - self.shared_val,
+            "examples": {"train": len(self.train), "validation": self.own_validation,
                          "shared_validation": self.shared_val},
             "accuracy": self.evaluation.accuracy if self.evaluation else None,
             "skills": dict(self.evaluation.skills) if self.evaluation else {},
