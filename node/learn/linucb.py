@@ -2,6 +2,13 @@
 
 Pure code (numpy). The state is two arrays, A (d x d) and b (d); it serialises to plain lists so that it can
 live in a signed ledger entry and any node can continue from it.
+
+A pair's context is the two profile vectors concatenated, and after them the teacher's per-category lead over
+the student. A linear score of the concatenation alone is a teacher term plus a student term: it can rank good
+teachers and needy students, never a teacher that is good where this student is weak, which is what a
+distillation gain comes from (the student learns only answers in categories its teacher validated better in).
+The bandit starts from a prior mean that credits that lead (ridge regression towards it rather than towards
+zero); the rewards move it from there.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import numpy as np
 from knexa.node.learn.tasks import CATEGORIES
 
 DEFAULT_LAMBDA = 0.01
-DEFAULT_BETA0 = 1.0
+# The rewards are z-scores and a mesh runs tens of rounds, not thousands: with lambda = 0.01 a width of
+# beta0 = 1 is ten standard deviations in every direction not yet tried, so that the bandit would do little
+# but explore for as long as a mesh runs.
+DEFAULT_BETA0 = 0.1
 MAX_DIM = 64
 
 
@@ -32,14 +42,16 @@ class PairScore:
 
 
 class LinUCB:
-    def __init__(self, dim: int, lam: float = DEFAULT_LAMBDA, beta0: float = DEFAULT_BETA0) -> None:
+    def __init__(self, dim: int, lam: float = DEFAULT_LAMBDA, beta0: float = DEFAULT_BETA0,
+                 prior_mean: Sequence[float] | np.ndarray | None = None) -> None:
         if not 0 < dim <= MAX_DIM:
             raise ValueError(f"dimension must be 1..{MAX_DIM}")
         if not (lam > 0 and math.isfinite(lam)) or not (beta0 >= 0 and math.isfinite(beta0)):
             raise ValueError("lambda must be positive and beta0 non-negative")
         self.dim, self.lam, self.beta0 = dim, lam, beta0
         self.A = lam * np.eye(dim)
-        self.b = np.zeros(dim)
+        # theta = A^-1 b starts at the prior mean, and regularisation pulls towards it instead of towards zero.
+        self.b = lam * self._vector(prior_mean) if prior_mean is not None else np.zeros(dim)
         self.updates = 0
 
     def beta(self, round_no: int) -> float:
@@ -111,8 +123,24 @@ def node_dim(categories: Sequence[str] = CATEGORIES) -> int:
     return len(categories) + 2
 
 
+def pair_dim(categories: Sequence[str] = CATEGORIES) -> int:
+    return 2 * node_dim(categories) + len(categories)
+
+
 def pair_context(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
-    return np.concatenate([teacher, student])
+    """Teacher profile, student profile, then the teacher's lead over the student in each category."""
+    skills = len(teacher) - 2
+    lead = np.maximum(0.0, teacher[:skills] - student[:skills])
+    return np.concatenate([teacher, student, lead])
+
+
+def lead_prior(categories: Sequence[str] = CATEGORIES) -> np.ndarray:
+    """The prior mean: one z-score of reward per unit of the teacher's per-category lead, nothing else."""
+    return np.concatenate([np.zeros(2 * node_dim(categories)), np.ones(len(categories))])
+
+
+def new_bandit(categories: Sequence[str] = CATEGORIES) -> LinUCB:
+    return LinUCB(pair_dim(categories), prior_mean=lead_prior(categories))
 
 
 @dataclass(frozen=True)

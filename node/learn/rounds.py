@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, node_dim, plan_pairs
+from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, new_bandit, pair_dim, plan_pairs
 
 ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
 HISTORY_ROUNDS = 20
@@ -168,8 +168,8 @@ class MatchmakerState:
     history: tuple[RoundRecord, ...] = field(default_factory=tuple)
 
     @classmethod
-    def initial(cls, dim: int | None = None) -> MatchmakerState:
-        return cls(0, LinUCB(dim or 2 * node_dim()), RewardScaler())
+    def initial(cls) -> MatchmakerState:
+        return cls(0, new_bandit(), RewardScaler())
 
     @property
     def created_ms(self) -> int:
@@ -191,6 +191,8 @@ class MatchmakerState:
         plan = RoundPlan.from_dict(d["plan"]) if d.get("plan") is not None else None
         state = cls(_int(d, "round"), LinUCB.from_dict(d.get("bandit")), RewardScaler.from_dict(d.get("scaler")),
                     plan, tuple(RoundRecord.from_dict(r) for r in history))
+        if state.bandit.dim != pair_dim():
+            raise ValueError(f"the bandit's dimension is {state.bandit.dim}, pair contexts have {pair_dim()}")
         if plan is not None and plan.round_no != state.round_no:
             raise ValueError("the plan's round differs from the state's")
         if any(len(p.context) != state.bandit.dim for p in (plan.pairs if plan else ())):
