@@ -67,11 +67,12 @@ def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
     if explain:
         scores = Table(title=f"LinUCB scores for round {view['round'] + 1} (upper confidence bound = mean + width)",
                        title_justify="left")
-        for column in ("teacher -> student", "mean", "width (uncertainty)", "ucb"):
+        for column in ("teacher -> student", "teacher leads in", "mean", "width (uncertainty)", "ucb"):
             scores.add_column(column)
         for row in view.get("explain", []):
-            scores.add_row(f"{_short(row['teacher'])} -> {_short(row['student'])}", f"{row['mean']:+.4f}",
-                           f"{row['width']:.4f}", f"{row['ucb']:+.4f}")
+            lead = ", ".join(f"{c} +{v:.2f}" for c, v in sorted(row.get("lead", {}).items(), key=lambda kv: -kv[1]))
+            scores.add_row(f"{_short(row['teacher'])} -> {_short(row['student'])}", lead or "-",
+                           f"{row['mean']:+.4f}", f"{row['width']:.4f}", f"{row['ucb']:+.4f}")
         console.print(scores)
 
 

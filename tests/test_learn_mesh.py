@@ -124,6 +124,9 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
         record = next(h for h in history(daemons[1]) if len(h["rewards"]) == 2)
         students = {p["student"] for p in record["pairs"]}
         assert len(record["pairs"]) == 2 and {r[0] for r in record["rewards"]} == students
+        explained = daemons[1].learn.rounds_view(explain=True)["explain"]  # every pair of the 4 members, scored
+        assert len(explained) == 6 and all(r["ucb"] == pytest.approx(r["mean"] + r["width"]) for r in explained)
+        assert all(all(v > 0 for v in r["lead"].values()) for r in explained)
         for daemon in daemons:
             if daemon.peer_id in students:
                 reward = RewardReport.from_dict(daemon.ledger.learn_records("reward")[daemon.peer_id])

@@ -418,7 +418,8 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
         "round": 2, "history": [r.to_dict() for r in reopened.history], "open": reopened.plan.to_dict(),
         "this_node": [{"round": 1, "role": "student", "partner": "peer00", "gain": 0.1, "swapped": True},
                       {"round": 2, "role": "teacher", "partner": "peer03", "sent": 4}],
-        "explain": [{"teacher": "peer00", "student": "peer01", "mean": 0.1, "width": 0.5, "ucb": 0.6}],
+        "explain": [{"teacher": "peer00", "student": "peer01", "mean": 0.1, "width": 0.5, "ucb": 0.6,
+                     "lead": {"units": 0.25, "dates": 0.5}}],
     }
     status = {"phase": "enrolled", "adapter": "learned",
               "examples": {"train": 8, "validation": 2, "shared_validation": 16},
@@ -431,6 +432,7 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
     print_learn(console, status)
     text = console.export_text()
     assert "+0.100" in text and "open" in text and "LinUCB scores for round 3" in text
+    assert "dates +0.50, units +0.25" in text
     assert "validation 0.000 -> 0.500: kept" in text and "2 validation (+ 16 shared)" in text
     assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
     assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")

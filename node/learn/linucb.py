@@ -127,11 +127,20 @@ def pair_dim(categories: Sequence[str] = CATEGORIES) -> int:
     return 2 * node_dim(categories) + len(categories)
 
 
+def _lead(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    skills = len(teacher) - 2
+    return np.maximum(0.0, teacher[:skills] - student[:skills])
+
+
 def pair_context(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
     """Teacher profile, student profile, then the teacher's lead over the student in each category."""
-    skills = len(teacher) - 2
-    lead = np.maximum(0.0, teacher[:skills] - student[:skills])
-    return np.concatenate([teacher, student, lead])
+    return np.concatenate([teacher, student, _lead(teacher, student)])
+
+
+def teacher_lead(teacher: np.ndarray, student: np.ndarray, categories: Sequence[str] = CATEGORIES
+                 ) -> dict[str, float]:
+    """The categories where the teacher validated better than the student, and by how much."""
+    return {c: float(v) for c, v in zip(categories, _lead(teacher, student), strict=True) if v > 0}
 
 
 def lead_prior(categories: Sequence[str] = CATEGORIES) -> np.ndarray:

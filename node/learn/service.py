@@ -447,7 +447,7 @@ class LearnService:
 
     def explain(self, state: MatchmakerState | None) -> list[dict[str, Any]]:
         """How the matchmaker scores every teacher -> student pair of the current members now."""
-        from knexa.node.learn.linucb import oriented
+        from knexa.node.learn.linucb import oriented, teacher_lead
 
         state = state or MatchmakerState.initial()
         members = sorted(self.members().values(), key=lambda c: c.peer_id)
@@ -458,6 +458,7 @@ class LearnService:
                 teacher, student = oriented(first, second)
                 score = state.bandit.score(pair_context(teacher.vector, student.vector), next_round)
                 rows.append({"teacher": teacher.peer_id, "student": student.peer_id, "mean": score.mean,
-                             "width": score.width, "ucb": score.ucb})
+                             "width": score.width, "ucb": score.ucb,
+                             "lead": teacher_lead(teacher.vector, student.vector)})
         rows.sort(key=lambda r: -r["ucb"])
         return rows
