@@ -36,7 +36,7 @@ import trio
 from knexa.node.engine import Engine, EngineConfig
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
-from knexa.node.learn.linucb import Candidate, profile_vector, random_pairs
+from knexa.node.learn.linucb import Candidate, node_dim, profile_vector, random_pairs
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
 
 CONDITIONS = ("local", "random", "linucb")
@@ -139,7 +139,9 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
             state, rejected = close_round(state, rewards)
             assert not rejected, rejected
         curve.append(await test_accuracy())
-        pairs_text = ", ".join(f"{p.teacher}->{p.student}" for p in pairs) or "-"
+        # The teacher's summed per-category lead over its student, what the matchmaker's prior credits.
+        pairs_text = ", ".join(f"{p.teacher}->{p.student} (lead {sum(p.context[2 * node_dim():]):.2f})"
+                               for p in pairs) or "-"
         print(f"  {condition:6s} round {round_no}: test accuracy {curve[-1]:.3f}  pairs {pairs_text}  "
               f"gains {[round(r.gain, 3) for r in rewards.values()]}  ({time.perf_counter() - started:.0f}s)",
               flush=True)
