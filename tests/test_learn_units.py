@@ -455,3 +455,24 @@ def test_a_large_state_drops_old_history_to_fit_one_ledger_entry() -> None:
     assert 0 < len(fitted.history) < 20 and fitted.history[-1] == state.history[-1]
     small = _planned()
     assert fit_state(small, 48 * 1024) is small  # nothing to drop
+
+
+def test_a_bad_ledger_record_is_counted_once_however_often_it_is_read(tmp_path: Path) -> None:
+    """The service reads the ledger's learning records on every tick; a stale or bad one must not make the
+    rejection counts in `learn` status climb for ever. (No ledger or network here: fakes for the two
+    callables, since only the record-reading path is under test.)"""
+    from types import SimpleNamespace
+
+    from knexa.node.learn.service import LearnService
+
+    old_layout = {**MatchmakerState.initial().to_dict(), "bandit": LinUCB(2 * node_dim()).to_dict()}
+    records = {"state": {"peerA": old_layout}, "member": {"peerB": {"accuracy": 7, "skills": {}}}}
+    ledger = SimpleNamespace(learn_records=lambda kind: records.get(kind, {}))
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, "me", lambda: None, lambda: ledger,
+                           lambda entries: None, tmp_path)
+    for _ in range(5):
+        assert service.current_state() is None and service.members() == {}
+    assert service.rejected == {"bad matchmaker state": 1, "bad member record": 1}
+    records["state"]["peerA"] = {**old_layout, "round": 3}  # a new version of the bad record
+    service.current_state()
+    assert service.rejected["bad matchmaker state"] == 2

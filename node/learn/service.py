@@ -16,13 +16,16 @@ dead matchmaker holds the mesh up by at most that long.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID as PeerID
@@ -64,6 +67,7 @@ LIVE_ADAPTER = "learned"
 MEMBER, STATE, REWARD = "member", "state", "reward"
 TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
+MAX_COUNTED_RECORDS = 4096  # distinct bad ledger records remembered, so that each is counted once
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
 
@@ -104,6 +108,8 @@ class LearnService:
         self.phase = "idle"  # idle, training, enrolled
         self.log: list[RoundLog] = []
         self.rejected: dict[str, int] = {}
+        # Ledger records are read on every tick: a bad one is counted once per version, not once per read.
+        self._counted_records: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
         self.last_error: str | None = None
         self._training = trio.Lock()
         self._acted: set[tuple[int, str]] = set()  # (round, role) done or under way here
@@ -229,7 +235,7 @@ class LearnService:
                 if not 0 <= accuracy <= 1:
                     raise ValueError("accuracy out of range")
             except (KeyError, TypeError, ValueError):
-                self._count("bad member record")
+                self._count_record("bad member record", author, record)
                 continue
             out[author] = (accuracy, skills)
         return out
@@ -245,10 +251,10 @@ class LearnService:
             try:
                 state = MatchmakerState.from_dict(record)
             except (ValueError, KeyError, TypeError):
-                self._count("bad matchmaker state")
+                self._count_record("bad matchmaker state", author, record)
                 continue
             if state.plan is not None and state.plan.matchmaker != author:
-                self._count("state naming another matchmaker")
+                self._count_record("state naming another matchmaker", author, record)
                 continue
             states.append(state)
         return newest_state(states)
@@ -260,7 +266,7 @@ class LearnService:
             try:
                 out[author] = RewardReport.from_dict(record)
             except (ValueError, KeyError, TypeError):
-                self._count("bad reward record")
+                self._count_record("bad reward record", author, record)
         return out
 
     def _log(self, record: RoundLog) -> RoundLog:
@@ -269,6 +275,16 @@ class LearnService:
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _count_record(self, reason: str, author: str, record: Any) -> None:
+        digest = hashlib.sha256(msgpack.packb(record, default=repr)).digest()
+        key = (reason, author, digest)
+        if key in self._counted_records:
+            return
+        self._counted_records[key] = None
+        if len(self._counted_records) > MAX_COUNTED_RECORDS:
+            self._counted_records.popitem(last=False)
+        self._count(reason)
 
     # -- the rounds ------------------------------------------------------------------------------
     def _tick(self) -> None:
