@@ -12,7 +12,7 @@ agent the same number of training steps a round:
   (those in categories where the teacher validated better than the student, as the daemon does), teachers and
   unpaired agents train on their own data;
 - linucb: pairs chosen by the LinUCB matchmaker (knexa.node.learn.rounds), rewarded with the students'
-  z-scored validation gains.
+  z-scored drops in validation loss (as the daemon's students report them).
 Every agent validates on its own split plus a validation set of every category that all agents share
 (`--public-val`, as the daemon's `learn_public_validation`). A shadow adapter replaces the live one only if it
 validates better. The agents share one engine in this
@@ -134,7 +134,7 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
             outcome = await train(engine, a, examples, args.steps, args, seed + round_no)
             if pair is not None:
                 rewards[a.name] = RewardReport(round_no, a.name, pair.teacher, outcome.gain,
-                                               outcome.accuracy_after, outcome.swapped)
+                                               outcome.accuracy_after, outcome.swapped, outcome.loss_drop)
         if condition == "linucb":
             state, rejected = close_round(state, rewards)
             assert not rejected, rejected
@@ -143,7 +143,8 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
         pairs_text = ", ".join(f"{p.teacher}->{p.student} (lead {sum(p.context[2 * node_dim():]):.2f})"
                                for p in pairs) or "-"
         print(f"  {condition:6s} round {round_no}: test accuracy {curve[-1]:.3f}  pairs {pairs_text}  "
-              f"gains {[round(r.gain, 3) for r in rewards.values()]}  ({time.perf_counter() - started:.0f}s)",
+              f"gains {[round(r.gain, 3) for r in rewards.values()]}  "
+              f"loss drops {[round(r.loss_drop, 4) for r in rewards.values()]}  ({time.perf_counter() - started:.0f}s)",
               flush=True)
     for a in agents:
         await engine.unload_adapter(a.live)
@@ -204,12 +205,22 @@ def report(curves: dict[str, list[list[float]]]) -> None:
 
 
 def merge(paths: list[str]) -> dict[str, list[list[float]]]:
-    """The curves of earlier runs (their --json files), for one mean over all their seeds."""
-    curves: dict[str, list[list[float]]] = {}
+    """The curves of earlier runs (their --json files), for one mean over all their seeds. A condition run
+    again for a seed (a later file, say after a change to LinUCB alone) replaces the earlier curve."""
+    by_seed: dict[str, dict[int, list[float]]] = {}
     for path in paths:
-        for condition, runs in json.loads(Path(path).read_text())["curves"].items():
-            curves.setdefault(condition, []).extend(runs)
-    return curves
+        saved = json.loads(Path(path).read_text())
+        for condition, runs in saved["curves"].items():
+            for i, curve in enumerate(runs):
+                seed = saved["args"]["first_seed"] + i
+                if seed in by_seed.get(condition, {}):
+                    print(f"{condition} seed {seed}: the curve of {path} replaces the earlier one")
+                by_seed.setdefault(condition, {})[seed] = curve
+    seeds = {condition: sorted(runs) for condition, runs in by_seed.items()}
+    first = next(iter(seeds.values()))
+    if any(s != first for s in seeds.values()):
+        raise SystemExit(f"the files do not cover the same seeds in every condition: {seeds}")
+    return {condition: [runs[seed] for seed in first] for condition, runs in by_seed.items()}
 
 
 def write_outputs(curves: dict[str, list[list[float]]], args: argparse.Namespace) -> None:

@@ -26,7 +26,8 @@ def print_learn(console: Any, status: dict[str, Any]) -> None:
     if local:
         console.print(f"local training: {local['training']['steps']} steps, loss {local['training']['first_loss']:.3f}"
                       f" -> {local['training']['last_loss']:.3f}; validation {local['accuracy_before']:.3f} -> "
-                      f"{local['accuracy_after']:.3f}: {'kept' if local['swapped'] else 'not better, discarded'}",
+                      f"{local['accuracy_after']:.3f} (loss {local['loss_before']:.3f} -> {local['loss_after']:.3f}): "
+                      f"{'kept' if local['swapped'] else 'not better, discarded'}",
                       highlight=False)
     role = status.get("role")
     where = f"round {status['round']}" + (f", {role['role']} ({_short(role['teacher'])} -> {_short(role['student'])})"
@@ -38,7 +39,8 @@ def print_learn(console: Any, status: dict[str, Any]) -> None:
 
 def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
     table = Table(title="distillation rounds (shared matchmaker state)", title_justify="left")
-    for column in ("round", "matchmaker", "teacher -> student", "score (mean + width)", "gain", "reward"):
+    for column in ("round", "matchmaker", "teacher -> student", "score (mean + width)", "accuracy gain",
+                   "loss drop", "reward"):
         table.add_column(column)
     records = list(view["history"])
     if view.get("open"):
@@ -52,7 +54,7 @@ def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
                 str(record["round"]) if i == 0 else "", _short(record["matchmaker"]) if i == 0 else "",
                 f"{_short(pair['teacher'])} -> {_short(pair['student'])}" if pair else "(no pairs)",
                 f"{pair['mean']:+.3f} + {pair['width']:.3f}" if pair else "",
-                gain, f"{reward[2]:+.3f}" if reward else "",
+                gain, f"{reward[2]:+.4f}" if reward else "", f"{reward[3]:+.3f}" if reward else "",
             )
     console.print(table)
     if view["this_node"]:
@@ -60,7 +62,8 @@ def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
         for column in ("round", "role", "partner", "detail"):
             mine.add_column(column)
         for r in view["this_node"]:
-            detail = (f"gain {r['gain']:+.3f}, {'kept' if r['swapped'] else 'discarded'}" if "gain" in r
+            detail = (f"gain {r['gain']:+.3f}, loss drop {r['loss_drop']:+.4f}, "
+                      f"{'kept' if r['swapped'] else 'discarded'}" if "gain" in r
                       else r.get("error") or (f"sent {r['sent']} answers" if "sent" in r else "under way"))
             mine.add_row(str(r["round"]), r["role"], _short(r["partner"]), detail)
         console.print(mine)

@@ -176,15 +176,19 @@ class Ledger:
     def reputation(self, subject: str, now: float | None = None) -> Reputation:
         return aggregate_reputation(subject, self.reports_about(subject, now).items())
 
+    def learn_entries(self, topic: str, now: float | None = None) -> dict[str, Entry]:
+        """Live learning entries of one topic, by author, undecoded (readers that poll can skip the versions
+        they already parsed)."""
+        suffix = f"/{topic}"
+        return {e.author: e for e in self._state.live(self._ms(now), f"{Kind.LEARN}/") if e.key.endswith(suffix)}
+
     def learn_records(self, topic: str, now: float | None = None) -> dict[str, dict[str, Any]]:
         """Live learning records of one topic, by author."""
         out: dict[str, dict[str, Any]] = {}
-        suffix = f"/{topic}"
-        for e in self._state.live(self._ms(now), f"{Kind.LEARN}/"):
-            if e.key.endswith(suffix):
-                record = unpack_payload(e.payload)
-                if isinstance(record, dict):
-                    out[e.author] = record
+        for author, e in self.learn_entries(topic, now).items():
+            record = unpack_payload(e.payload)
+            if isinstance(record, dict):
+                out[author] = record
         return out
 
     def orset(self, set_name: str, now: float | None = None) -> ORSet:

@@ -175,6 +175,38 @@ async def test_shadow_learns_while_live_and_base_stay_bit_identical(tiny_llama_d
         assert again.first_loss == pytest.approx(report.first_loss, rel=1e-4)
 
 
+async def test_answer_loss_is_the_loss_training_starts_from_and_falls_as_the_shadow_learns(
+        tiny_llama_dir: Path) -> None:
+    other = TrainExample([{"role": "user", "content": "Name a colour."}], "Blue, like the sky at noon.")
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.ensure_adapter("live", seed=1)
+        [live_loss] = await engine.answer_loss(EXAMPLES, adapter="live")
+        report = await engine.train_shadow(spec(1, batch_size=1))
+        assert live_loss == pytest.approx(report.first_loss, rel=1e-4)  # encoded as training encodes it
+        # Rows padded into one batch score as they do alone; more than one batch of examples keeps its order.
+        many = [EXAMPLES[0], other] * 5
+        together = await engine.answer_loss(many, adapter="live")
+        alone = [(await engine.answer_loss([e], adapter="live"))[0] for e in (EXAMPLES[0], other)]
+        assert together == pytest.approx(alone * 5, rel=1e-4)
+        assert (await engine.answer_loss([])) == []
+        await engine.train_shadow(spec(30))
+        [shadow_loss] = await engine.answer_loss(EXAMPLES, adapter="shadow")
+        assert shadow_loss < live_loss / 2
+        with pytest.raises(UnknownAdapter):
+            await engine.answer_loss(EXAMPLES, adapter="nope")
+        for bad_examples, bad_tokens in (([TrainExample([{"role": "user", "content": "x"}], "")], 256),
+                                         ([("x", "y")], 256), (EXAMPLES, 4)):
+            with pytest.raises(InvalidRequest):
+                await engine.answer_loss(bad_examples, max_tokens=bad_tokens)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.train_shadow, spec(100_000))
+            await eventually(lambda: engine.status()["training"] is not None)
+            with pytest.raises(AdapterBusy):  # its weights move between decode steps
+                await engine.answer_loss(EXAMPLES, adapter="shadow")
+            assert len(await engine.answer_loss(EXAMPLES, adapter="live")) == 1  # live serves meanwhile
+            nursery.cancel_scope.cancel()
+
+
 async def test_requests_are_answered_while_the_shadow_trains(tiny_llama_dir: Path) -> None:
     """Structural, not timed: requests sent after training started finish while it still has steps left."""
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:

@@ -131,6 +131,9 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
             if daemon.peer_id in students:
                 reward = RewardReport.from_dict(daemon.ledger.learn_records("reward")[daemon.peer_id])
                 assert reward.swapped == (reward.gain > 0)  # promoted only when it validated better
+                if reward.round_no == record["round"]:  # the bandit was fed this student's loss drop
+                    applied = next(r for r in record["rewards"] if r[0] == daemon.peer_id)
+                    assert applied[2] == pytest.approx(reward.loss_drop)
                 studied = [r for r in daemon.learn.log if r.role == "student" and "gain" in r.detail]
                 assert studied and all(r.detail["swapped"] == (r.detail["gain"] > 0) for r in studied)
 
@@ -190,7 +193,7 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         assert student.learn.rejected
 
         # A forged reward: written by the impostor into the student's namespace, then one in its own.
-        forged_reward = RewardReport(plan.round_no, student.peer_id, pair.teacher, 1.0, 1.0, True).to_dict()
+        forged_reward = RewardReport(plan.round_no, student.peer_id, pair.teacher, 1.0, 1.0, True, 5.0).to_dict()
         entry = impostor.ledger.put_learn("reward", forged_reward, None)
         stolen = dataclasses.replace(entry, key=learn_key(student.peer_id, "reward"))
         result = daemons[0].ledger.merge([stolen])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -361,20 +362,20 @@ def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
     plan = state.plan
     assert plan is not None and plan.round_no == 1 and len(plan.pairs) == 2
     first, second = plan.pairs
-    good = RewardReport(1, first.student, first.teacher, 0.1, 0.6, True)
+    good = RewardReport(1, first.student, first.teacher, 0.1, 0.6, True, 0.25)
     rewards = {
         first.student: good,
-        second.student: RewardReport(1, second.student, first.teacher, 0.9, 0.9, True),  # wrong teacher
-        second.teacher: RewardReport(1, second.teacher, second.student, 0.9, 0.9, True),  # a teacher, not a student
-        "outsider": RewardReport(1, "outsider", first.teacher, 0.9, 0.9, True),
+        second.student: RewardReport(1, second.student, first.teacher, 0.9, 0.9, True, 0.2),  # wrong teacher
+        second.teacher: RewardReport(1, second.teacher, second.student, 0.9, 0.9, True, 0.2),  # not a student
+        "outsider": RewardReport(1, "outsider", first.teacher, 0.9, 0.9, True, 0.2),
     }
     assert not round_finished(plan, rewards, now_ms=2_000)
     closed, rejected = close_round(state, rewards)
     assert len(rejected) == 3
     assert closed.plan is None and closed.bandit.updates == 1
-    assert closed.history[-1].rewards == ((first.student, 0.1, 0.1),)
+    assert closed.history[-1].rewards == ((first.student, 0.1, 0.25, 0.25),)  # the loss drop is the reward
     assert round_finished(plan, rewards, now_ms=plan.deadline_ms)
-    assert round_finished(plan, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, False)
+    assert round_finished(plan, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, False, 0.2)
                                  for p in plan.pairs}, now_ms=2_000)
     again = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
     assert again.round_no == 2 and again.plan.alpha == alpha_for(2)
@@ -383,7 +384,7 @@ def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
 
 def test_state_round_trips_through_its_ledger_form() -> None:
     state = _planned()
-    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.05, 0.5, True)
+    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.05, 0.5, True, 0.2)
                                     for p in state.plan.pairs})
     for value in (state, closed):
         again = MatchmakerState.from_dict(json.loads(json.dumps(value.to_dict())))
@@ -392,6 +393,46 @@ def test_state_round_trips_through_its_ledger_form() -> None:
     forged["plan"]["round"] = 7
     with pytest.raises(ValueError):
         MatchmakerState.from_dict(forged)
+
+
+def test_the_bandit_learns_from_loss_drops_and_malformed_rewards_are_refused() -> None:
+    state = _planned()
+    first, second = state.plan.pairs
+    closed, _ = close_round(state, {
+        first.student: RewardReport(1, first.student, first.teacher, 0.5, 0.9, True, 0.0),
+        second.student: RewardReport(1, second.student, second.teacher, 0.0, 0.4, False, 0.3),
+    })
+    by_student = {r[0]: r for r in closed.history[-1].rewards}
+    # Gains play no part; each drop counts against the round's mean drop.
+    assert by_student[first.student][3] == pytest.approx(-0.15) and by_student[second.student][3] == pytest.approx(0.15)
+    assert closed.scaler.count == 2 and closed.scaler.mean == pytest.approx(0.15)
+    # A later round where every loss falls by less: the better pairing of the two still earns the positive reward.
+    replanned = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
+    first, second = replanned.plan.pairs
+    later, _ = close_round(replanned, {
+        first.student: RewardReport(2, first.student, first.teacher, 0.0, 0.9, False, 0.01),
+        second.student: RewardReport(2, second.student, second.teacher, 0.0, 0.4, False, 0.03),
+    })
+    by_student = {r[0]: r[3] for r in later.history[-1].rewards}
+    assert by_student[second.student] > 0 > by_student[first.student]
+    assert by_student[second.student] == pytest.approx(-by_student[first.student])
+    # A round of one pair has no other pairing to compare with: its drop counts against the running mean.
+    lone, _ = close_round(replanned, {first.student: RewardReport(2, first.student, first.teacher, 0.0, 0.9, False,
+                                                                  0.5)})
+    assert lone.history[-1].rewards[0][3] == pytest.approx((0.5 - 0.15) / math.sqrt(0.045))
+
+    good = RewardReport(1, first.student, first.teacher, 0.1, 0.6, True, 0.25).to_dict()
+    assert RewardReport.from_dict(good).loss_drop == 0.25
+    for bad in ({k: v for k, v in good.items() if k != "loss_drop"}, {**good, "loss_drop": 1e9},
+                {**good, "loss_drop": "0.1"}, {**good, "loss_drop": True}, {**good, "loss_drop": float("nan")}):
+        with pytest.raises(ValueError):
+            RewardReport.from_dict(bad)
+    record = closed.to_dict()
+    for rewards in ([[first.student, 0.5, 0.0]], [[first.student, 0.5, None, 0.0]],
+                    [[first.student, 0.5, float("inf"), 0.0]], [[first.student, "0.5", 0.0, 0.0]]):
+        record["history"][-1]["rewards"] = rewards  # an older node's 3-number layout, or junk
+        with pytest.raises(ValueError):
+            MatchmakerState.from_dict(record)
 
 
 def test_only_the_assigned_teacher_may_send_a_transfer() -> None:
@@ -411,12 +452,13 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
     from knexa.cli.render import _learn_line
 
     state = _planned()
-    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.1, 0.5, True)
+    closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.1, 0.5, True, 0.2)
                                     for p in state.plan.pairs})
     reopened = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
     view = {
         "round": 2, "history": [r.to_dict() for r in reopened.history], "open": reopened.plan.to_dict(),
-        "this_node": [{"round": 1, "role": "student", "partner": "peer00", "gain": 0.1, "swapped": True},
+        "this_node": [{"round": 1, "role": "student", "partner": "peer00", "gain": 0.1, "loss_drop": 0.0312,
+                       "swapped": True},
                       {"round": 2, "role": "teacher", "partner": "peer03", "sent": 4}],
         "explain": [{"teacher": "peer00", "student": "peer01", "mean": 0.1, "width": 0.5, "ucb": 0.6,
                      "lead": {"units": 0.25, "dates": 0.5}}],
@@ -426,14 +468,16 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
               "accuracy": 0.5, "skills": {"dates": 1.0}, "members": ["a", "b"], "round": 2,
               "role": {"role": "teacher", "teacher": "a", "student": "b"}, "last_error": None,
               "local_training": {"training": {"steps": 4, "first_loss": 3.0, "last_loss": 1.0},
-                                 "accuracy_before": 0.0, "accuracy_after": 0.5, "swapped": True}}
+                                 "accuracy_before": 0.0, "accuracy_after": 0.5, "loss_before": 2.5,
+                                 "loss_after": 1.25, "swapped": True}}
     console = Console(record=True, width=200)
     print_rounds(console, view, explain=True)
     print_learn(console, status)
     text = console.export_text()
     assert "+0.100" in text and "open" in text and "LinUCB scores for round 3" in text
     assert "dates +0.50, units +0.25" in text
-    assert "validation 0.000 -> 0.500: kept" in text and "2 validation (+ 16 shared)" in text
+    assert "loss drop +0.0312" in text and "+0.2000" in text  # this node's and the history's loss drops
+    assert "validation 0.000 -> 0.500 (loss 2.500 -> 1.250): kept" in text and "2 validation (+ 16 shared)" in text
     assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
     assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")
 
@@ -445,7 +489,7 @@ def test_a_large_state_drops_old_history_to_fit_one_ledger_entry() -> None:
     state = MatchmakerState.initial()
     for round_no in range(1, 21):
         state = next_plan(state, candidates, "peer00", now_ms=round_no, round_deadline_s=60)
-        state, _ = close_round(state, {p.student: RewardReport(round_no, p.student, p.teacher, 0.01, 0.5, False)
+        state, _ = close_round(state, {p.student: RewardReport(round_no, p.student, p.teacher, 0.01, 0.5, False, 0.2)
                                        for p in state.plan.pairs})
     state = next_plan(state, candidates, "peer00", now_ms=99, round_deadline_s=60)
     assert len(msgpack.packb(state.to_dict())) > 48 * 1024 and len(state.history) == 20
@@ -459,20 +503,61 @@ def test_a_large_state_drops_old_history_to_fit_one_ledger_entry() -> None:
 
 def test_a_bad_ledger_record_is_counted_once_however_often_it_is_read(tmp_path: Path) -> None:
     """The service reads the ledger's learning records on every tick; a stale or bad one must not make the
-    rejection counts in `learn` status climb for ever. (No ledger or network here: fakes for the two
-    callables, since only the record-reading path is under test.)"""
+    rejection counts in `learn` status climb for ever. Real ledgers; no engine or network (the service's
+    RPC registry is a stand-in, since only the record-reading path is under test)."""
     from types import SimpleNamespace
 
+    from knexa.crdt.ledger import Ledger
     from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
 
+    me, peer_a, peer_b = (Ledger(KEY_PAIRS[i]) for i in range(3))
     old_layout = {**MatchmakerState.initial().to_dict(), "bandit": LinUCB(2 * node_dim()).to_dict()}
-    records = {"state": {"peerA": old_layout}, "member": {"peerB": {"accuracy": 7, "skills": {}}}}
-    ledger = SimpleNamespace(learn_records=lambda kind: records.get(kind, {}))
-    service = LearnService(SimpleNamespace(register=lambda *a: None), None, "me", lambda: None, lambda: ledger,
-                           lambda entries: None, tmp_path)
+    me.merge([peer_a.put_learn("state", old_layout, None),
+              peer_b.put_learn("member", {"accuracy": 7, "skills": {}}, None),
+              peer_b.put_learn("reward", {"round": 1}, None)])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
     for _ in range(5):
-        assert service.current_state() is None and service.members() == {}
-    assert service.rejected == {"bad matchmaker state": 1, "bad member record": 1}
-    records["state"]["peerA"] = {**old_layout, "round": 3}  # a new version of the bad record
+        assert service.current_state() is None and service.members() == {} and service.rewards() == {}
+    assert service.rejected == {"bad matchmaker state": 1, "bad member record": 1, "bad reward record": 1}
+    me.merge([peer_a.put_learn("state", {**old_layout, "round": 3}, None)])  # a new version of the bad record
     service.current_state()
     assert service.rejected["bad matchmaker state"] == 2
+    # A well-formed state whose plan names another matchmaker than its author: refused for that reason.
+    planned = _planned()
+    me.merge([peer_a.put_learn("state", planned.to_dict(), None)])
+    for _ in range(3):
+        assert service.current_state() is None
+    assert service.rejected["state naming another matchmaker"] == 1
+    good = next_plan(MatchmakerState.initial(), _candidates(4), peer_b.peer_id, now_ms=1, round_deadline_s=60)
+    me.merge([peer_b.put_learn("state", good.to_dict(), None)])
+    assert service.current_state() is service.current_state()  # parsed once, while its version stands
+    assert service.current_state().to_dict() == good.to_dict()
+
+
+def test_parsed_records_parse_each_version_once_and_forget_the_oldest() -> None:
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.records import ParsedRecords, RecordRefused
+    from tests.crdt_helpers import KEY_PAIRS
+
+    calls: list[object] = []
+    bad: list[str] = []
+
+    def parse(author: str, record: object) -> int:
+        calls.append(record)
+        if record == {"n": -1}:
+            raise RecordRefused("negative")
+        return record["n"]  # type: ignore[index]
+
+    ledger = Ledger(KEY_PAIRS[0])
+    records = ParsedRecords(parse, "bad", bad.append, max_versions=3)
+    first = ledger.put_learn("t", {"n": 1}, None)
+    assert records.read({"a": first}) == {"a": 1} and records.read({"a": first}) == {"a": 1} and len(calls) == 1
+    refused, malformed = ledger.put_learn("t", {"n": -1}, None), ledger.put_learn("t", {"m": 2}, None)
+    for _ in range(3):
+        assert records.read({"b": refused, "c": malformed}) == {}
+    assert bad == ["negative", "bad"] and len(calls) == 3
+    assert records.read({"a": ledger.put_learn("t", {"n": 3}, None)}) == {"a": 3}  # a 4th version: over the cap
+    records.read({"a": first})  # the least recently read version was forgotten: parsed again
+    assert len(calls) == 5

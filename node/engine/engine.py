@@ -15,13 +15,14 @@ import trio
 
 from .config import EngineConfig
 from .errors import EngineClosed, EngineDown, EngineError, InvalidRequest
-from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
+from .jobs import AdapterJob, AnswerLossJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
 from .queue import RequestQueue
 from .requests import GenerationRequest, GenerationResult, ScoreResult, TextDelta, validate_messages
 from .runner import Worker
-from .training import TrainReport, TrainSpec
+from .training import MAX_TRAIN_TOKENS, TrainExample, TrainReport, TrainSpec, check_example
 
 Event = TextDelta | GenerationResult
+ANSWER_LOSS_BATCH = 8
 
 
 class _TrioReply:
@@ -207,6 +208,24 @@ class Engine:
     ) -> ScoreResult:
         """Log-probabilities and argmax tokens at each completion position, in one forward pass."""
         return await self._call(ScoreJob(reply=_TrioReply(), prompt=prompt, completion=completion, adapter=adapter))
+
+    async def answer_loss(
+        self, examples: Sequence[TrainExample], *, adapter: str | None = None, max_tokens: int = 256
+    ) -> list[float]:
+        """Each example's mean token loss (nats) on its answer and end-of-turn token, encoded as training
+        encodes it: a validation loss that moves smoothly where greedy accuracy moves in whole answers. Runs
+        ANSWER_LOSS_BATCH examples per worker round, so that requests decoding meanwhile wait at most one
+        forward pass of that batch."""
+        for example in examples:
+            check_example(example)
+        if not 8 <= max_tokens <= MAX_TRAIN_TOKENS:
+            raise InvalidRequest(f"max_tokens must be in 8..{MAX_TRAIN_TOKENS}")
+        losses: list[float] = []
+        for start in range(0, len(examples), ANSWER_LOSS_BATCH):
+            batch = list(examples[start : start + ANSWER_LOSS_BATCH])
+            losses += await self._call(AnswerLossJob(reply=_TrioReply(), examples=batch, adapter=adapter,
+                                                     max_tokens=max_tokens))
+        return losses
 
     async def load_adapter(self, adapter_id: str, folder: str | Path) -> list[str]:
         """Load a LoRA adapter folder under adapter_id; returns the loaded adapter ids."""

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from .requests import GenerationRequest
-from .training import TrainSpec
+from .training import TrainExample, TrainSpec
 
 
 class Reply(Protocol):
@@ -52,6 +52,15 @@ class ScoreJob(Job):
     prompt: str | Sequence[int]
     completion: str | Sequence[int]
     adapter: str | None = None
+
+
+@dataclass
+class AnswerLossJob(Job):
+    """Each example's mean token loss on its answer, the tokens that training puts its loss on."""
+
+    examples: Sequence[TrainExample]
+    adapter: str | None = None
+    max_tokens: int = 256
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .errors import (
     InvalidRequest,
 )
 from .generation import RowProgress
-from .jobs import AdapterJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
+from .jobs import AdapterJob, AnswerLossJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
 from .kv import check_import, export_cache
 from .kvbatch import BatchCache, Pairs
 from .modelstate import ModelState, load_model_state
@@ -36,7 +36,15 @@ from .queue import RequestQueue
 from .requests import ScoreResult
 from .sampler import new_generator, pick_tokens
 from .stats import EngineStats
-from .training import TrainingPolicy, TrainingRun, answer_positions, collate, encode_example, weighted_loss
+from .training import (
+    TrainingPolicy,
+    TrainingRun,
+    answer_positions,
+    collate,
+    encode_example,
+    row_losses,
+    weighted_loss,
+)
 
 CRASH_WINDOW_S = 60.0
 ONE_SHOTS_PER_STEP = 2
@@ -160,6 +168,8 @@ class Worker:
             job.reply.send(self._prefill(job))
         elif isinstance(job, ScoreJob):
             job.reply.send(self._score(job))
+        elif isinstance(job, AnswerLossJob):
+            job.reply.send(self._answer_loss(job))
         elif isinstance(job, AdapterJob):
             job.reply.send(self._adapter(job))
         elif isinstance(job, TrainJob):
@@ -314,6 +324,31 @@ class Worker:
             prompt_tokens=len(prompt),
         )
 
+    def _answer_loss(self, job: AnswerLossJob) -> list[float]:
+        model = self.model
+        assert model is not None
+        self._check_servable(job.adapter)
+        encoded = [
+            (*encode_example(model.chat_ids(e.prompt_messages), model.text_ids(e.answer, special=False),
+                             self._training_eos(), job.max_tokens), 1.0)
+            for e in job.examples
+        ]
+        pad = model.tokenizer.pad_token_id
+        ids, mask, labels, _ = collate(encoded, pad if pad is not None else 0, model.device)
+        with torch.no_grad():
+            output = model.runnable(
+                input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=answer_positions(labels),
+                **model.adapters.forward_kwargs([job.adapter] * len(encoded)),
+            )
+        return row_losses(output.logits, labels).tolist()
+
+    def _training_eos(self) -> int | None:
+        """The end-of-turn token that training appends to every answer."""
+        model = self.model
+        assert model is not None
+        eos = model.tokenizer.eos_token_id
+        return eos if eos in model.eos_token_ids else min(model.eos_token_ids, default=None)
+
     def _check_servable(self, adapter: str | None) -> None:
         assert self.model is not None
         self.model.adapters.check(adapter)
@@ -382,8 +417,7 @@ class Worker:
         adapters = model.adapters
         if any(row.progress.adapter == spec.shadow_id for row in self.rows):
             raise AdapterBusy(f"adapter {spec.shadow_id!r} is in use by running requests")
-        eos = model.tokenizer.eos_token_id
-        eos = eos if eos in model.eos_token_ids else min(model.eos_token_ids, default=None)
+        eos = self._training_eos()
         encoded = []
         for example in spec.examples:
             prompt = model.chat_ids(example.prompt_messages)

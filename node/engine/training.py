@@ -42,6 +42,17 @@ class TrainExample:
     weight: float = 1.0
 
 
+def check_example(example: object) -> None:
+    """InvalidRequest unless example is a TrainExample with valid messages, an answer and a usable weight."""
+    if not isinstance(example, TrainExample):
+        raise InvalidRequest("examples must be TrainExample items")
+    validate_messages(list(example.prompt_messages))
+    if not isinstance(example.answer, str) or not example.answer:
+        raise InvalidRequest("every example needs a non-empty answer")
+    if not (example.weight >= 0 and math.isfinite(example.weight)):
+        raise InvalidRequest("example weights must be finite and non-negative")
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     live_id: str
@@ -70,13 +81,7 @@ class TrainSpec:
         if self.live_id == self.shadow_id:
             raise InvalidRequest("the shadow must have another id than the live adapter")
         for example in self.examples:
-            if not isinstance(example, TrainExample):
-                raise InvalidRequest("examples must be TrainExample items")
-            validate_messages(list(example.prompt_messages))
-            if not isinstance(example.answer, str) or not example.answer:
-                raise InvalidRequest("every example needs a non-empty answer")
-            if not (example.weight >= 0 and math.isfinite(example.weight)):
-                raise InvalidRequest("example weights must be finite and non-negative")
+            check_example(example)
         if not any(e.weight > 0 for e in self.examples):
             raise InvalidRequest("at least one example must have a positive weight")
         return self
@@ -224,18 +229,23 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def weighted_loss(
-    answer_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total_weight: float | None = None
-) -> torch.Tensor:
-    """Each row's mean token loss, weighted: (1 - alpha) own data and alpha distilled answers mix this way.
-    answer_logits are the logits at answer_positions(labels), flattened in row order.
-    Divided by total_weight (the whole step's, when the step runs in pieces) or else by these rows' weight."""
+def row_losses(answer_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean token loss on its labelled tokens (answer_logits as in weighted_loss)."""
     keep = answer_positions(labels)
     targets = labels[:, 1:][keep[:, :-1]]
     rows = keep.nonzero()[:, 0]
     per_token = torch.nn.functional.cross_entropy(answer_logits.float(), targets, reduction="none")
     counts = keep.sum(dim=1).clamp(min=1).to(per_token.dtype)
     per_row = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device)
-    per_row = per_row.index_add(0, rows, per_token) / counts
+    return per_row.index_add(0, rows, per_token) / counts
+
+
+def weighted_loss(
+    answer_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total_weight: float | None = None
+) -> torch.Tensor:
+    """Each row's mean token loss, weighted: (1 - alpha) own data and alpha distilled answers mix this way.
+    answer_logits are the logits at answer_positions(labels), flattened in row order.
+    Divided by total_weight (the whole step's, when the step runs in pieces) or else by these rows' weight."""
+    per_row = row_losses(answer_logits, labels)
     total = weights.sum() if total_weight is None else torch.tensor(total_weight, device=weights.device)
     return (per_row * weights).sum() / total.clamp(min=1e-8)

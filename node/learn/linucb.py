@@ -239,18 +239,20 @@ def _disjoint(ranked: Sequence[PairChoice], k: int) -> list[PairChoice]:
 
 
 class RewardScaler:
-    """Running mean and deviation of gains (Welford): rewards are z-scored against all gains seen so far."""
+    """Running mean and deviation of the students' measurements (Welford): a reward is a measurement less a
+    baseline (by default the running mean), in units of the running deviation."""
 
     def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0) -> None:
         self.count, self.mean, self.m2 = count, mean, m2
 
-    def z(self, gain: float) -> float:
+    def z(self, gain: float, baseline: float | None = None) -> float:
+        centred = gain - (self.mean if baseline is None else baseline)
         if self.count < 2:
-            return max(-3.0, min(3.0, gain))
+            return max(-3.0, min(3.0, gain if baseline is None else centred))
         std = math.sqrt(self.m2 / (self.count - 1))
         if std < 1e-9:
             return 0.0
-        return max(-3.0, min(3.0, (gain - self.mean) / std))
+        return max(-3.0, min(3.0, centred / std))
 
     def observe(self, gain: float) -> None:
         self.count += 1

@@ -9,6 +9,7 @@ round, or takes over a round whose matchmaker died, starts from the same place.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,6 +22,8 @@ ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
 HISTORY_ROUNDS = 20
 MAX_PAIRS = 64
 MAX_GAIN = 1.0
+# A token loss beyond ~20 nats is a broken adapter; the bound only keeps forged rewards from swamping the scaler.
+MAX_LOSS_DROP = 20.0
 
 
 def matchmaker_order(round_no: int, members: Sequence[str]) -> list[str]:
@@ -57,6 +60,10 @@ def _float(raw: Mapping[str, Any], name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= float(value) <= high:
         raise ValueError(f"{name} must be a number in [{low}, {high}]")
     return float(value)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _map(raw: Any, what: str) -> Mapping[str, Any]:
@@ -108,7 +115,8 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class RewardReport:
-    """What a student measured: validation accuracy before and after training on its teacher's answers."""
+    """What a student measured after training on its teacher's answers: the change in validation accuracy
+    (gain, what people read) and the drop in validation loss (what the bandit learns from)."""
 
     round_no: int
     student: str
@@ -116,10 +124,11 @@ class RewardReport:
     gain: float
     accuracy_after: float
     swapped: bool
+    loss_drop: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round_no, "student": self.student, "teacher": self.teacher, "gain": self.gain,
-                "accuracy_after": self.accuracy_after, "swapped": self.swapped}
+                "accuracy_after": self.accuracy_after, "swapped": self.swapped, "loss_drop": self.loss_drop}
 
     @classmethod
     def from_dict(cls, raw: Any) -> RewardReport:
@@ -128,7 +137,8 @@ class RewardReport:
         if not isinstance(swapped, bool):
             raise ValueError("swapped must be a boolean")
         return cls(_int(d, "round", 1), _str(d, "student"), _str(d, "teacher"),
-                   _float(d, "gain", -MAX_GAIN, MAX_GAIN), _float(d, "accuracy_after", 0.0, 1.0), swapped)
+                   _float(d, "gain", -MAX_GAIN, MAX_GAIN), _float(d, "accuracy_after", 0.0, 1.0), swapped,
+                   _float(d, "loss_drop", -MAX_LOSS_DROP, MAX_LOSS_DROP))
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,7 @@ class RoundRecord:
     round_no: int
     matchmaker: str
     pairs: tuple[PairChoice, ...]
-    rewards: tuple[tuple[str, float, float], ...]  # (student, gain, z-scored reward) for rewards applied
+    rewards: tuple[tuple[str, float, float, float], ...]  # (student, gain, loss drop, z-scored reward) applied
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round_no, "matchmaker": self.matchmaker, "pairs": [p.to_dict() for p in self.pairs],
@@ -152,9 +162,10 @@ class RoundRecord:
             raise ValueError("record pairs and rewards must be lists")
         parsed = []
         for r in rewards[:MAX_PAIRS]:
-            if not (isinstance(r, list | tuple) and len(r) == 3 and isinstance(r[0], str)):
-                raise ValueError("record reward must be [student, gain, reward]")
-            parsed.append((r[0], float(r[1]), float(r[2])))
+            if not (isinstance(r, list | tuple) and len(r) == 4 and isinstance(r[0], str)
+                    and all(_finite(v) for v in r[1:])):
+                raise ValueError("record reward must be [student, gain, loss drop, reward]")
+            parsed.append((r[0], float(r[1]), float(r[2]), float(r[3])))
         return cls(_int(d, "round", 1), _str(d, "matchmaker"), tuple(PairChoice.from_dict(p) for p in pairs),
                    tuple(parsed))
 
@@ -242,19 +253,26 @@ def close_round(
     bandit = LinUCB.from_dict(state.bandit.to_dict())  # a copy: states are values
     scaler = RewardScaler.from_dict(state.scaler.to_dict())
     rejected: list[str] = []
-    applied: list[tuple[str, float, float]] = []
+    valid: list[tuple[str, RewardReport]] = []
     for author in sorted(rewards):
         report = rewards[author]
         reason = reward_rejection(plan, report, author)
-        if reason is not None:
-            if report.round_no == plan.round_no:
-                rejected.append(f"{author}: {reason}")
-            continue
+        if reason is None:
+            valid.append((author, report))
+        elif report.round_no == plan.round_no:
+            rejected.append(f"{author}: {reason}")
+    # Every student's loss falls less from round to round, whoever taught it: against its own round's mean
+    # (when the round has more than one pair) a reward says how much better this pairing did than the others.
+    drops = [report.loss_drop for _, report in valid]
+    baseline = sum(drops) / len(drops) if len(drops) >= 2 else None
+    applied: list[tuple[str, float, float, float]] = []
+    for author, report in valid:
         pair = next(p for p in plan.pairs if p.student == author)
-        reward = scaler.z(report.gain)
-        scaler.observe(report.gain)
+        reward = scaler.z(report.loss_drop, baseline)
         bandit.update(pair.context, reward)
-        applied.append((author, report.gain, reward))
+        applied.append((author, report.gain, report.loss_drop, reward))
+    for drop in drops:
+        scaler.observe(drop)
     record = RoundRecord(plan.round_no, plan.matchmaker, plan.pairs, tuple(applied))
     history = (*state.history, record)[-HISTORY_ROUNDS:]
     return MatchmakerState(state.round_no, bandit, scaler, None, history), rejected

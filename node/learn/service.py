@@ -16,16 +16,13 @@ dead matchmaker holds the mesh up by at most that long.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID as PeerID
@@ -35,7 +32,10 @@ from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
 from knexa.node.learn.linucb import Candidate, pair_context, profile_vector
+from knexa.node.learn.records import ParsedRecords, RecordRefused
 from knexa.node.learn.rounds import (
+    MAX_GAIN,
+    MAX_LOSS_DROP,
     MatchmakerState,
     RewardReport,
     check_transfer,
@@ -67,7 +67,6 @@ LIVE_ADAPTER = "learned"
 MEMBER, STATE, REWARD = "member", "state", "reward"
 TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
-MAX_COUNTED_RECORDS = 4096  # distinct bad ledger records remembered, so that each is counted once
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
 
@@ -80,6 +79,23 @@ class RoundLog:
     role: str
     partner: str
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_member(_author: str, record: object) -> tuple[float, dict[str, float]]:
+    if not isinstance(record, dict):
+        raise TypeError("a member record is a map")
+    accuracy = float(record["accuracy"])
+    skills = {str(k): float(v) for k, v in dict(record["skills"]).items()}
+    if not 0 <= accuracy <= 1:
+        raise ValueError("accuracy out of range")
+    return accuracy, skills
+
+
+def _parse_state(author: str, record: object) -> MatchmakerState:
+    state = MatchmakerState.from_dict(record)
+    if state.plan is not None and state.plan.matchmaker != author:
+        raise RecordRefused("state naming another matchmaker")
+    return state
 
 
 class LearnService:
@@ -108,8 +124,11 @@ class LearnService:
         self.phase = "idle"  # idle, training, enrolled
         self.log: list[RoundLog] = []
         self.rejected: dict[str, int] = {}
-        # Ledger records are read on every tick: a bad one is counted once per version, not once per read.
-        self._counted_records: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+        # Read on every tick; parsed (and, if bad, counted) once per version.
+        self._members = ParsedRecords(_parse_member, "bad member record", self._count)
+        self._states = ParsedRecords(_parse_state, "bad matchmaker state", self._count)
+        self._rewards = ParsedRecords(lambda _author, record: RewardReport.from_dict(record), "bad reward record",
+                                      self._count)
         self.last_error: str | None = None
         self._training = trio.Lock()
         self._acted: set[tuple[int, str]] = set()  # (round, role) done or under way here
@@ -226,48 +245,21 @@ class LearnService:
 
     def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
         """Each live member's validation accuracy and skills, as it published them."""
-        ledger = self._ledger()
-        out: dict[str, tuple[float, dict[str, float]]] = {}
-        for author, record in (ledger.learn_records(MEMBER) if ledger else {}).items():
-            try:
-                accuracy = float(record["accuracy"])
-                skills = {str(k): float(v) for k, v in dict(record["skills"]).items()}
-                if not 0 <= accuracy <= 1:
-                    raise ValueError("accuracy out of range")
-            except (KeyError, TypeError, ValueError):
-                self._count_record("bad member record", author, record)
-                continue
-            out[author] = (accuracy, skills)
-        return out
+        return self._members.read(self._learn_entries(MEMBER))
 
     def members(self) -> dict[str, Candidate]:
         return {author: Candidate(author, profile_vector(skills, accuracy), accuracy)
                 for author, (accuracy, skills) in self._member_records().items()}
 
     def current_state(self) -> MatchmakerState | None:
-        ledger = self._ledger()
-        states = []
-        for author, record in (ledger.learn_records(STATE) if ledger else {}).items():
-            try:
-                state = MatchmakerState.from_dict(record)
-            except (ValueError, KeyError, TypeError):
-                self._count_record("bad matchmaker state", author, record)
-                continue
-            if state.plan is not None and state.plan.matchmaker != author:
-                self._count_record("state naming another matchmaker", author, record)
-                continue
-            states.append(state)
-        return newest_state(states)
+        return newest_state(self._states.read(self._learn_entries(STATE)).values())
 
     def rewards(self) -> dict[str, RewardReport]:
+        return self._rewards.read(self._learn_entries(REWARD))
+
+    def _learn_entries(self, topic: str) -> dict[str, Entry]:
         ledger = self._ledger()
-        out = {}
-        for author, record in (ledger.learn_records(REWARD) if ledger else {}).items():
-            try:
-                out[author] = RewardReport.from_dict(record)
-            except (ValueError, KeyError, TypeError):
-                self._count_record("bad reward record", author, record)
-        return out
+        return ledger.learn_entries(topic) if ledger is not None else {}
 
     def _log(self, record: RoundLog) -> RoundLog:
         self.log = [*self.log[-(LOG_ROUNDS - 1):], record]
@@ -275,16 +267,6 @@ class LearnService:
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def _count_record(self, reason: str, author: str, record: Any) -> None:
-        digest = hashlib.sha256(msgpack.packb(record, default=repr)).digest()
-        key = (reason, author, digest)
-        if key in self._counted_records:
-            return
-        self._counted_records[key] = None
-        if len(self._counted_records) > MAX_COUNTED_RECORDS:
-            self._counted_records.popitem(last=False)
-        self._count(reason)
 
     # -- the rounds ------------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -403,7 +385,7 @@ class LearnService:
         return TransferReply(accepted=True, detail=f"training on {len(transfer.items)} answers")
 
     async def _study(self, transfer: TransferSet, alpha: float) -> None:
-        """Train a shadow on own data mixed with the teacher's answers; report the gain as the reward."""
+        """Train a shadow on own data mixed with the teacher's answers; report its gain and loss drop."""
         record = self._log(RoundLog(transfer.round_no, "student", transfer.teacher))
         try:
             async with self._training:
@@ -418,13 +400,14 @@ class LearnService:
                 if outcome.swapped:
                     self._on_skills(dict(outcome.skills))
             reward = RewardReport(transfer.round_no, self.peer_id, transfer.teacher,
-                                  max(-1.0, min(1.0, outcome.gain)), outcome.accuracy_after, outcome.swapped)
+                                  max(-MAX_GAIN, min(MAX_GAIN, outcome.gain)), outcome.accuracy_after,
+                                  outcome.swapped, max(-MAX_LOSS_DROP, min(MAX_LOSS_DROP, outcome.loss_drop)))
             self._put(REWARD, reward.to_dict(), None)
             self._write_member()
             record.detail = {**outcome.to_dict(), "alpha": alpha, "answers_used": len(answers),
                              "answers_received": len(transfer.items)}
-            log.info("event=studied round=%d gain=%.3f swapped=%s", transfer.round_no, outcome.gain,
-                     outcome.swapped)
+            log.info("event=studied round=%d gain=%.3f loss_drop=%.4f swapped=%s", transfer.round_no,
+                     outcome.gain, outcome.loss_drop, outcome.swapped)
         except Exception as exc:  # no reward: the round closes at its deadline without this pair
             record.detail = {"error": f"{type(exc).__name__}: {exc}"}
             log.warning('event=study_failed round=%d reason="%s"', transfer.round_no, exc)
