@@ -323,7 +323,8 @@ def test_a_state_of_another_context_layout_is_refused() -> None:
 
 def test_reward_scaler_z_scores_against_past_gains() -> None:
     scaler = RewardScaler()
-    assert scaler.z(0.2) == 0.2  # too few gains seen: the gain itself
+    assert scaler.z(0.2) is None  # nothing seen yet to compare with
+    assert scaler.z(0.2, baseline=0.5) == pytest.approx(-0.3)  # the round's other pairs: the difference, unscaled
     for gain in (0.0, 0.1, 0.2, 0.1):
         scaler.observe(gain)
     assert scaler.z(0.1) == pytest.approx(0.0)
@@ -372,8 +373,10 @@ def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
     assert not round_finished(plan, rewards, now_ms=2_000)
     closed, rejected = close_round(state, rewards)
     assert len(rejected) == 3
-    assert closed.plan is None and closed.bandit.updates == 1
-    assert closed.history[-1].rewards == ((first.student, 0.1, 0.25, 0.25),)  # the loss drop is the reward
+    # The one valid reward is recorded and measured; alone, with nothing yet to compare it with, it moves no
+    # estimate (see the loss-drop test).
+    assert closed.plan is None and closed.scaler.count == 1 and closed.bandit.updates == 0
+    assert closed.history[-1].rewards == ((first.student, 0.1, 0.25, 0.0),)
     assert round_finished(plan, rewards, now_ms=plan.deadline_ms)
     assert round_finished(plan, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, False, 0.2)
                                  for p in plan.pairs}, now_ms=2_000)
@@ -416,7 +419,13 @@ def test_the_bandit_learns_from_loss_drops_and_malformed_rewards_are_refused() -
     by_student = {r[0]: r[3] for r in later.history[-1].rewards}
     assert by_student[second.student] > 0 > by_student[first.student]
     assert by_student[second.student] == pytest.approx(-by_student[first.student])
-    # A round of one pair has no other pairing to compare with: its drop counts against the running mean.
+    # A first round of one pair: nothing to compare its drop with. Recorded, sets the scale, moves no estimate.
+    only = state.plan.pairs[0]
+    lone_first, _ = close_round(state, {only.student: RewardReport(1, only.student, only.teacher, 0.0, 0.9, False,
+                                                                   2.5)})
+    assert lone_first.history[-1].rewards[0][2:] == (2.5, 0.0)
+    assert lone_first.bandit.updates == 0 and lone_first.scaler.count == 1
+    # A later round of one pair has no other pairing to compare with: its drop counts against the running mean.
     lone, _ = close_round(replanned, {first.student: RewardReport(2, first.student, first.teacher, 0.0, 0.9, False,
                                                                   0.5)})
     assert lone.history[-1].rewards[0][3] == pytest.approx((0.5 - 0.15) / math.sqrt(0.045))

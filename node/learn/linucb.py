@@ -245,10 +245,12 @@ class RewardScaler:
     def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0) -> None:
         self.count, self.mean, self.m2 = count, mean, m2
 
-    def z(self, gain: float, baseline: float | None = None) -> float:
+    def z(self, gain: float, baseline: float | None = None) -> float | None:
+        """The reward; None when there is nothing yet to compare with (no baseline given and fewer than two
+        measurements seen): then a measurement can only set the scale."""
         centred = gain - (self.mean if baseline is None else baseline)
         if self.count < 2:
-            return max(-3.0, min(3.0, gain if baseline is None else centred))
+            return None if baseline is None else max(-3.0, min(3.0, centred))
         std = math.sqrt(self.m2 / (self.count - 1))
         if std < 1e-9:
             return 0.0

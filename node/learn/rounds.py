@@ -269,8 +269,9 @@ def close_round(
     for author, report in valid:
         pair = next(p for p in plan.pairs if p.student == author)
         reward = scaler.z(report.loss_drop, baseline)
-        bandit.update(pair.context, reward)
-        applied.append((author, report.gain, report.loss_drop, reward))
+        if reward is not None:  # else recorded with reward 0, and the bandit left as it was
+            bandit.update(pair.context, reward)
+        applied.append((author, report.gain, report.loss_drop, reward or 0.0))
     for drop in drops:
         scaler.observe(drop)
     record = RoundRecord(plan.round_no, plan.matchmaker, plan.pairs, tuple(applied))
