@@ -330,6 +330,11 @@ def test_reward_scaler_z_scores_against_past_gains() -> None:
     assert scaler.z(0.1) == pytest.approx(0.0)
     assert scaler.z(0.3) > 0 > scaler.z(-0.1)
     assert RewardScaler.from_dict(scaler.to_dict()).z(0.3) == scaler.z(0.3)
+    # Drops a few hundredths apart (students training again from one live adapter): no reward of +-3 for that.
+    close = RewardScaler()
+    for drop in (2.89, 2.92, 2.87):
+        close.observe(drop)
+    assert close.z(2.98) == pytest.approx((2.98 - (2.89 + 2.92 + 2.87) / 3) / 0.05)
 
 
 # -- rounds ------------------------------------------------------------------------------------------

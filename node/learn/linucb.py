@@ -29,6 +29,9 @@ DEFAULT_LAMBDA = 0.01
 # but explore for as long as a mesh runs.
 DEFAULT_BETA0 = 0.1
 MAX_DIM = 64
+# Students that all train again from the same live adapter report drops a few hundredths of a nat apart; divided
+# by a deviation that small, those differences would become rewards of +-3. Below this, a unit of reward is this.
+MIN_DEVIATION = 0.05
 
 
 @dataclass(frozen=True)
@@ -251,9 +254,7 @@ class RewardScaler:
         centred = gain - (self.mean if baseline is None else baseline)
         if self.count < 2:
             return None if baseline is None else max(-3.0, min(3.0, centred))
-        std = math.sqrt(self.m2 / (self.count - 1))
-        if std < 1e-9:
-            return 0.0
+        std = max(MIN_DEVIATION, math.sqrt(self.m2 / (self.count - 1)))
         return max(-3.0, min(3.0, centred / std))
 
     def observe(self, gain: float) -> None:
