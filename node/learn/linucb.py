@@ -248,20 +248,20 @@ class RewardScaler:
     def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0) -> None:
         self.count, self.mean, self.m2 = count, mean, m2
 
-    def z(self, gain: float, baseline: float | None = None) -> float | None:
+    def z(self, value: float, baseline: float | None = None) -> float | None:
         """The reward; None when there is nothing yet to compare with (no baseline given and fewer than two
         measurements seen): then a measurement can only set the scale."""
-        centred = gain - (self.mean if baseline is None else baseline)
+        centred = value - (self.mean if baseline is None else baseline)
         if self.count < 2:
             return None if baseline is None else max(-3.0, min(3.0, centred))
         std = max(MIN_DEVIATION, math.sqrt(self.m2 / (self.count - 1)))
         return max(-3.0, min(3.0, centred / std))
 
-    def observe(self, gain: float) -> None:
+    def observe(self, value: float) -> None:
         self.count += 1
-        delta = gain - self.mean
+        delta = value - self.mean
         self.mean += delta / self.count
-        self.m2 += delta * (gain - self.mean)
+        self.m2 += delta * (value - self.mean)
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

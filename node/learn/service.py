@@ -5,7 +5,7 @@ Ledger records (kind `learn`, each signed by its author, under its own namespace
 - `learn/<peer>/member`: the node takes part; its validation accuracy and skills (refreshed, expires);
 - `learn/<peer>/state`: the matchmaker state (LinUCB A and b, reward scaler, the open plan, history), written by
   whichever node ran the newest round; the newest anywhere is the current one;
-- `learn/<peer>/reward`: a student's measured gain for a round.
+- `learn/<peer>/reward`: a student's measured accuracy gain and loss drop for a round.
 Every tick a node reads them: a teacher in the open plan answers the transfer set and sends it to its student
 over `learn.transfer`; the student trains a shadow adapter on its own data mixed with the answers, keeps it
 only if it validates better, and writes its reward. When a round is finished (every reward in, or its
