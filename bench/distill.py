@@ -100,8 +100,8 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
         a.evaluation = await learner.evaluate(engine, a.live, a.val, concurrency=args.concurrency)
 
     async def test_accuracy() -> float:
-        scores = [(await learner.evaluate(engine, a.live, test, concurrency=args.concurrency)).accuracy
-                  for a in agents]
+        scores = [(await learner.evaluate(engine, a.live, test, concurrency=args.concurrency,
+                                          with_loss=False)).accuracy for a in agents]
         return statistics.fmean(scores)
 
     curve = [await test_accuracy()]

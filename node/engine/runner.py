@@ -328,9 +328,10 @@ class Worker:
         model = self.model
         assert model is not None
         self._check_servable(job.adapter)
+        eos = self._training_eos()
         encoded = [
-            (*encode_example(model.chat_ids(e.prompt_messages), model.text_ids(e.answer, special=False),
-                             self._training_eos(), job.max_tokens), 1.0)
+            (*encode_example(model.chat_ids(e.prompt_messages), model.text_ids(e.answer, special=False), eos,
+                             job.max_tokens), 1.0)
             for e in job.examples
         ]
         pad = model.tokenizer.pad_token_id

@@ -37,7 +37,7 @@ class Evaluation:
     accuracy: float
     skills: dict[str, float]
     results: tuple[tuple[Example, bool], ...]
-    loss: float  # the mean over examples of each answer's mean token loss (nats)
+    loss: float | None  # the mean over examples of each answer's mean token loss (nats); None if not measured
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class TrainOutcome:
         """How much the shadow lowered the validation loss: what the student reports as its reward. A
         validation split of a few dozen answers moves accuracy in steps of 2-5 points, mostly noise; the loss
         on the same answers moves with every token the teacher's answers taught."""
+        if self.before.loss is None or self.after.loss is None:
+            raise ValueError("both evaluations must measure the loss")
         return self.before.loss - self.after.loss
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,13 +111,17 @@ async def _map_generate(engine: Engine, requests: Sequence[GenerationRequest], c
 
 
 async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Example],
-                   max_tokens: int = EVAL_MAX_TOKENS, concurrency: int = EVAL_CONCURRENCY) -> Evaluation:
-    """Greedy answers, graded (accuracy overall and per category), and the loss on the reference answers."""
+                   max_tokens: int = EVAL_MAX_TOKENS, concurrency: int = EVAL_CONCURRENCY,
+                   with_loss: bool = True) -> Evaluation:
+    """Greedy answers, graded (accuracy overall and per category), and the loss on the reference answers
+    (unless with_loss is False: a test set whose loss nothing reads)."""
     params = SamplingParams(max_new_tokens=max_tokens)
     requests = [GenerationRequest(messages=user_turn(e.prompt), params=params, adapter=adapter) for e in examples]
     outputs = await _map_generate(engine, requests, concurrency)
     results = tuple((e, grade(e, out)) for e, out in zip(examples, outputs, strict=True))
     accuracy = sum(ok for _, ok in results) / len(results) if results else 0.0
+    if not with_loss:
+        return Evaluation(accuracy, skill_scores(results), results, None)
     losses = await engine.answer_loss([TrainExample(user_turn(e.prompt), e.answer) for e in examples],
                                       adapter=adapter)
     return Evaluation(accuracy, skill_scores(results), results, sum(losses) / len(losses) if losses else 0.0)
