@@ -12,6 +12,7 @@ import platformdirs
 
 from knexa.net.host import AddressError, parse_multiaddr
 from knexa.net.nat.config import NatConfig, NatConfigError, RelayLimitsConfig
+from knexa.node.kvshare.settings import KvShareSettings
 from knexa.node.learn.settings import LearnSettings
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
@@ -66,6 +67,16 @@ class NodeConfig:
     learn_latency_target_s: float = LearnSettings.latency_target_s
     learn_public_validation: int = LearnSettings.public_validation
     learn_transfer_file: str = LearnSettings.transfer_file
+    # each kv_<name> is KvShareSettings.<name>, described there
+    kv_store_bytes: int = KvShareSettings.store_bytes
+    kv_block: int = KvShareSettings.block
+    kv_max_blocks: int = KvShareSettings.max_blocks
+    kv_fetch: str = KvShareSettings.fetch
+    kv_min_prefix_tokens: int = KvShareSettings.min_prefix_tokens
+    kv_lookup_timeout_s: float = KvShareSettings.lookup_timeout_s
+    kv_unmeasured_fetch_timeout_s: float = KvShareSettings.unmeasured_fetch_timeout_s
+    kv_max_fetch_bytes: int = KvShareSettings.max_fetch_bytes
+    kv_providers_tried: int = KvShareSettings.providers_tried
     # NAT traversal (knexa.net.nat): AutoNAT decides reachability unless forced
     reachability: str = "auto"  # auto, public, private
     relay_service: str = "auto"  # auto (serve once public), on, off
@@ -148,17 +159,24 @@ class NodeConfig:
             except DataError as exc:
                 raise ConfigError(f"learn_transfer_file: {exc}") from None
         try:
+            self.kvshare_settings().validate()
+        except ValueError as exc:
+            raise ConfigError(f"kv_{exc}") from None
+        try:
             self.skill_vector()
         except ValueError as exc:
             raise ConfigError(f"skills: {exc}") from None
         return self
 
     def learn_settings(self) -> LearnSettings:
-        prefix = "learn_"
-        return LearnSettings(**{
-            f.name.removeprefix(prefix): getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name.startswith(prefix)
-        })
+        return LearnSettings(**self._prefixed("learn_"))
+
+    def kvshare_settings(self) -> KvShareSettings:
+        return KvShareSettings(**self._prefixed("kv_"))
+
+    def _prefixed(self, prefix: str) -> dict[str, Any]:
+        return {f.name.removeprefix(prefix): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith(prefix)}
 
     def skill_vector(self) -> dict[str, float]:
         from knexa.node.collab.vote import parse_requirement

@@ -178,7 +178,8 @@ class Daemon:
             self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)
             from knexa.node.kvshare.service import KvShareService
 
-            self.kvshare = KvShareService(self.rpc, self.discovery, self.inference.require_engine)
+            self.kvshare = KvShareService(self.rpc, self.discovery, self.inference.require_engine,
+                                          config.kvshare_settings())
             from knexa.node.kvshare.exchange import KvExchange
 
             self.kvexchange = KvExchange(self.rpc, self.inference.require_engine, config.cache_dir / "fusers")

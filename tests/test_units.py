@@ -20,6 +20,7 @@ from knexa.net.identity import (
 from knexa.net.peers import PeerConnection, PeerTable, connection_kind
 from knexa.node.config import ConfigError, load_config
 from knexa.node.errors import find_exception
+from knexa.node.kvshare.settings import KvShareSettings
 
 
 def test_identity_is_created_private_and_reused(tmp_path):
@@ -67,6 +68,11 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ('device = "tpu"\n', "device"),
         ("learn_public_validation = -1\n", "learn_public_validation"),
         ('learn_transfer_file = "/no/such/transfer.jsonl"\n', "learn_transfer_file: cannot read"),
+        ('kv_fetch = "sometimes"\n', "kv_fetch must be auto, always or never"),
+        ("kv_block = 0\n", "kv_block must be positive"),
+        ("kv_store_bytes = -1\n", "kv_store_bytes must be at least 0"),
+        ("kv_lookup_timeout_s = 0\n", "kv_lookup_timeout_s must be positive"),
+        ('kv_block = "64"\n', "kv_block must be an integer"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, text, message):
@@ -74,6 +80,15 @@ def test_config_rejects_bad_values(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path, tmp_path)
+
+
+def test_config_kv_keys_reach_the_prefix_sharing_settings(tmp_path):
+    (tmp_path / "config.toml").write_text('[node]\nkv_store_bytes = 1048576\nkv_block = 32\nkv_fetch = "never"\n'
+                                         "kv_lookup_timeout_s = 1\n")
+    settings = load_config(data_dir=tmp_path).kvshare_settings()
+    assert (settings.store_bytes, settings.block, settings.fetch) == (1 << 20, 32, "never")
+    assert settings.lookup_timeout_s == 1.0 and isinstance(settings.lookup_timeout_s, float)
+    assert settings.max_blocks == KvShareSettings.max_blocks  # unset keys keep the service's defaults
 
 
 def test_missing_explicit_config_file(tmp_path):

@@ -27,32 +27,13 @@ from knexa.node.engine import EngineError, GenerationRequest, GenerationResult, 
 from .plan import FetchPlan, RateMeter, plan_fetch
 from .prefix import PrefixStore, block_key, block_lengths, cache_model_id, cache_nbytes, slice_cache
 from .protocol import Cache, PrefixCall, PrefixRefused, fetch_prefix, register_prefix_method
+from .settings import KvShareSettings
 
 log = logging.getLogger("knexa.kvshare")
 
 PATH_PEER = "prefix-hit"  # a peer's cache of a prefix, fetched
 PATH_LOCAL_CACHE = "local-cache"  # a prefix this node held already
 PATH_LOCAL = "local"  # computed here from scratch
-
-
-@dataclass(frozen=True)
-class KvShareSettings:
-    store_bytes: int = 512 << 20
-    block: int = 64  # announce and look up prefixes at multiples of this many tokens
-    max_blocks: int = 128  # announce at most this many prefixes per cache (8,192 tokens at 64)
-    fetch: str = "auto"  # auto: by measured rates; always; never
-    min_prefix_tokens: int = 64  # in auto mode, shorter shared prefixes are computed here
-    lookup_timeout_s: float = 2.0  # per DHT lookup
-    unmeasured_fetch_timeout_s: float = 30.0  # fetch deadline before any local prefill was measured
-    max_fetch_bytes: int = 2 << 30
-    providers_tried: int = 3
-
-    def validate(self) -> KvShareSettings:
-        if self.fetch not in ("auto", "always", "never"):
-            raise ValueError("fetch must be auto, always or never")
-        if self.store_bytes < 0 or self.block <= 0 or self.max_blocks <= 0 or self.providers_tried <= 0:
-            raise ValueError("store_bytes >= 0; block, max_blocks and providers_tried > 0")
-        return self
 
 
 @dataclass
