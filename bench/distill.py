@@ -202,6 +202,31 @@ def report(curves: dict[str, list[list[float]]]) -> None:
         ratio = values[-1] / base if base else float("nan")
         print(f"{c:6s}: final {values[-1]:.3f}, gain over warm-up {values[-1] - values[0]:+.3f}, "
               f"final / local-only {ratio:.2f}")
+    for better, worse in (("linucb", "random"), ("random", "local"), ("linucb", "local")):
+        if better in curves and worse in curves and runs > 1:
+            for label, diffs in paired_differences(curves[better], curves[worse]).items():
+                print(f"{better} - {worse}, {label}: {describe_differences(diffs)}")
+
+
+def paired_differences(better: list[list[float]], worse: list[list[float]]) -> dict[str, list[float]]:
+    """Per seed, one condition's accuracy minus another's: after the last round, and averaged over the
+    rounds after warm-up (how much better it was along the way, not only at the end)."""
+    pairs = list(zip(better, worse, strict=True))
+    return {
+        "final": [b[-1] - w[-1] for b, w in pairs],
+        "mean of rounds 1..R": [statistics.fmean(b[1:]) - statistics.fmean(w[1:]) for b, w in pairs],
+    }
+
+
+def describe_differences(diffs: list[float]) -> str:
+    """Mean, its standard error and the sign count: a margin is clear when the mean is several standard
+    errors from zero and the seeds agree."""
+    mean = statistics.fmean(diffs)
+    sem = statistics.stdev(diffs) / len(diffs) ** 0.5
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    per_seed = " ".join(f"{d:+.3f}" for d in diffs)
+    return f"{mean:+.3f} ± {sem:.3f} (standard error; {mean / sem if sem else float('inf'):.1f} of them), " \
+        f"ahead in {wins} seed(s), behind in {losses} [{per_seed}]"
 
 
 def merge(paths: list[str]) -> dict[str, list[list[float]]]:
