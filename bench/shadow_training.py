@@ -1,13 +1,15 @@
 """Shadow training beside serving (CoLLM): what training costs the requests, and what serving costs training.
 
     python bench/shadow_training.py [--model embedded|PATH] [--dtype auto|float32|bfloat16] [--steps 10]
+                                    [--target 0.5] [--min-share 0.05]
 
 One engine, a rank-8 live adapter (B = 0) and its shadow, three phases:
 1. serving alone: --clients clients send greedy chat requests back to back with the live adapter for
    --seconds; decode time per token (after the first) and time to first token, medians over requests;
 2. training alone: --steps optimizer steps (batch 4) of the shadow on the idle engine; steps/s;
-3. both at once: the same clients while the shadow trains with latency_target_s = --target; the same figures
-   as ratios to phases 1 and 2, and the worker rounds in which training yielded.
+3. both at once: the same clients while the shadow trains with latency_target_s = --target and min_share =
+   --min-share; the same figures as ratios to phases 1 and 2, the worker rounds in which training yielded and
+   the examples it ran only through its floor share.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ async def main(args: argparse.Namespace) -> None:
         # Both: training with more steps than it can finish, stopped (cancelled) when serving ends.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.train_shadow, TrainSpec(
-                "live", "shadow", EXAMPLES, steps=100_000, lr=1e-3, batch_size=4, latency_target_s=args.target))
+                "live", "shadow", EXAMPLES, steps=100_000, lr=1e-3, batch_size=4, latency_target_s=args.target,
+                min_share=args.min_share))
             while engine.status()["training"] is None:  # noqa: ASYNC110 - the worker does not signal it
                 await trio.sleep(0.01)
             started = time.perf_counter()
@@ -86,7 +89,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"both:           {token * 1000:7.1f} ms/token (x{token / alone_token:.2f}), first token "
               f"{first:.3f} s (x{first / alone_first:.2f}), {requests} requests")
         print(f"                training {steps_s:.3f} steps/s (x{steps_s / alone_steps_s:.2f}), "
-              f"{training['yielded_rounds']} rounds yielded")
+              f"{training['yielded_rounds']} rounds yielded, {training['floor_pieces']} examples by the floor share")
 
 
 if __name__ == "__main__":
@@ -98,4 +101,5 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--min-share", type=float, default=TrainSpec.min_share)
     trio.run(main, parser.parse_args())

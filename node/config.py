@@ -65,6 +65,7 @@ class NodeConfig:
     learn_round_steps: int = LearnSettings.round_steps
     learn_lr: float = LearnSettings.lr
     learn_latency_target_s: float = LearnSettings.latency_target_s
+    learn_min_training_share: float = LearnSettings.min_training_share
     learn_public_validation: int = LearnSettings.public_validation
     learn_transfer_file: str = LearnSettings.transfer_file
     # each kv_<name> is KvShareSettings.<name>, described there
@@ -149,6 +150,8 @@ class NodeConfig:
             raise ConfigError("learn_transfer_prompts must be in 1..256 and learn_max_tokens in 1..1024")
         if self.learn_local_steps < 1 or self.learn_round_steps < 1 or not 0 < self.learn_lr < 1:
             raise ConfigError("learn_local_steps and learn_round_steps must be at least 1, learn_lr in (0, 1)")
+        if not 0 <= self.learn_min_training_share < 1:
+            raise ConfigError("learn_min_training_share must be in [0, 1)")
         if not 0 <= self.learn_public_validation <= 256:
             raise ConfigError("learn_public_validation must be in 0..256")
         if self.learn_transfer_file:

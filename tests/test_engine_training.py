@@ -90,6 +90,17 @@ def test_policy_yields_to_waiting_requests_and_fits_training_in_the_latency_targ
     assert policy.examples_this_round(queued=0, running_rows=1, decode_step_s=0.6, example_s=0.01, remaining=4) == 0
 
 
+def test_policy_owes_training_its_floor_share_when_nothing_fits() -> None:
+    policy = TrainingPolicy(latency_target_s=0.5, min_share=0.2)
+    # A piece of 0.3 s keeps a 20% share after 1.2 s of waiting; before any piece, the target stands in.
+    assert not policy.owed_a_piece(example_s=0.3, since_trained_s=1.1)
+    assert policy.owed_a_piece(example_s=0.3, since_trained_s=1.2)
+    assert not policy.owed_a_piece(example_s=None, since_trained_s=1.9)
+    assert policy.owed_a_piece(example_s=None, since_trained_s=2.0)
+    # No floor: training waits for room however long.
+    assert not TrainingPolicy(latency_target_s=0.5).owed_a_piece(example_s=0.01, since_trained_s=1e6)
+
+
 def test_a_step_in_pieces_covers_its_batch_once_and_divides_by_the_whole_weight() -> None:
     encoded = [([1, 2, i], [IGNORE, 2, i], float(i + 1)) for i in range(5)]
     parameter = torch.nn.Parameter(torch.zeros(1))
@@ -378,10 +389,34 @@ async def test_adapters_come_and_go_while_the_shadow_trains(tiny_llama_dir: Path
         assert sorted(engine.adapters()) == ["other", "shadow"]
 
 
+async def test_training_under_load_that_never_leaves_room_still_progresses(tiny_llama_dir: Path) -> None:
+    """A target nothing fits in and a queue that never empties while training runs: only the floor share
+    lets training go on, and it finishes its steps while every request is answered."""
+    async with Engine.open(engine_config(tiny_llama_dir, max_batch=1)) as engine:
+        await engine.ensure_adapter("live", seed=1)
+        reports = []
+        answered: list[int] = []
+        async with trio.open_nursery() as load:
+            async def client(i: int) -> None:
+                while True:
+                    result = await engine.generate(greedy(f"The fox {i}", 24, adapter="live"))
+                    answered.append(len(result.token_ids))
+
+            for i in range(3):  # one batch row, three clients: one runs, the others wait in the queue
+                load.start_soon(client, i)
+            await eventually(lambda: len(answered) >= 1)
+            with trio.fail_after(120):  # without the floor this would wait for the load to end, i.e. forever
+                reports.append(await engine.train_shadow(spec(2, latency_target_s=1e-6, min_share=0.5)))
+            load.cancel_scope.cancel()
+        assert reports[0].steps == 2 and reports[0].floor_pieces > 0 and reports[0].yielded_rounds > 0
+        assert answered and all(n > 0 for n in answered)
+
+
 async def test_bad_training_requests_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         for bad in (spec(0), spec(-3), spec(5, examples=[]), spec(5, shadow_id="live"), spec(5, lr=5.0),
-                    spec(5, batch_size=0), spec(5, latency_target_s=0.0),
+                    spec(5, batch_size=0), spec(5, latency_target_s=0.0), spec(5, min_share=1.0),
+                    spec(5, min_share=-0.1),
                     spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "")]),
                     spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "y", weight=-1)]),
                     spec(5, examples=[TrainExample([{"role": "user", "content": "x"}], "y", weight=0)]),

@@ -251,11 +251,12 @@ class Engine:
         spec.rank if there is no live one), while the engine keeps serving. Training runs in the worker between
         decode steps: it yields while requests wait in the queue, and beside running requests only as many
         examples go through as keep their time per token within spec.latency_target_s, so one optimizer step
-        may span several rounds; an idle engine trains without pause. `progress(step, loss)` is called on the
-        trio side after each optimizer step. Only the shadow's LoRA tensors change: the base weights and every
-        other adapter stay bit-identical. While it trains, requests naming the shadow get AdapterBusy. One
-        training at a time (AdapterBusy). Leaving early (cancellation) stops training at the next round and
-        keeps the shadow as it was; a failing step raises AdapterError and affects no request."""
+        may span several rounds; an idle engine trains without pause, and load that never leaves room still
+        gives training spec.min_share of the worker's time, one example at a time. `progress(step, loss)` is
+        called on the trio side after each optimizer step. Only the shadow's LoRA tensors change: the base
+        weights and every other adapter stay bit-identical. While it trains, requests naming the shadow get
+        AdapterBusy. One training at a time (AdapterBusy). Leaving early (cancellation) stops training at the
+        next round and keeps the shadow as it was; a failing step raises AdapterError and affects no request."""
         spec.validate()
         reply = self._submit(TrainJob(reply=_TrioReply(), spec=spec))
         try:

@@ -443,8 +443,8 @@ class Worker:
             parameter.requires_grad_(id(parameter) in trained_ids)
         params = list(trained.values())
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-        self.training = TrainingRun(spec, encoded, TrainingPolicy(spec.latency_target_s), optimizer, params,
-                                    random.Random(spec.seed))
+        policy = TrainingPolicy(spec.latency_target_s, spec.min_share)
+        self.training = TrainingRun(spec, encoded, policy, optimizer, params, random.Random(spec.seed))
         self._train_job = job
 
     def _training_step(self) -> None:
@@ -457,6 +457,9 @@ class Worker:
         count = run.policy.examples_this_round(
             len(self.queue), len(self.rows), self._last_decode_s, run.example_s, run.remaining_in_step
         )
+        if count == 0 and run.policy.owed_a_piece(run.example_s, run.since_trained_s(time.perf_counter())):
+            count = 1  # load that never leaves room must not starve training: its floor share, one example
+            run.floor_pieces += 1
         if count == 0:
             run.yielded_rounds += 1
             return

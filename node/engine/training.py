@@ -6,7 +6,9 @@ Two timescales: the step budget (`TrainSpec.steps`) is the slow loop, set by who
 its latency target: training is skipped (the worker "yields") while requests wait in the queue, and beside
 running requests only as many examples go through forward and backward as fit in the target together with
 the decode step. One optimizer step may therefore span several rounds (gradient accumulation, with exactly
-the loss of the whole batch); an idle worker runs whole steps.
+the loss of the whole batch); an idle worker runs whole steps. Under load that never leaves room (a queue
+that never empties, or one example slower than the target), training still gets its floor share of the
+worker's time (`TrainSpec.min_share`), one example at a time, so it slows down but never stalls.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class TrainSpec:
     # Longest a running request may wait per token because a training step ran beside it.
     latency_target_s: float = 0.5
     max_tokens: int = 256
+    # Least share of the worker's time that training gets when the target leaves it none (0: wait for room).
+    min_share: float = 0.05
 
     def validate(self) -> TrainSpec:
         if not self.examples:
@@ -78,6 +82,8 @@ class TrainSpec:
             raise InvalidRequest("lr must be in (0, 1), batch_size in 1..64, rank in 1..256")
         if not self.latency_target_s > 0 or not 8 <= self.max_tokens <= MAX_TRAIN_TOKENS:
             raise InvalidRequest(f"latency_target_s must be positive and max_tokens in 8..{MAX_TRAIN_TOKENS}")
+        if not 0 <= self.min_share < 1:
+            raise InvalidRequest("min_share must be in [0, 1)")
         if self.live_id == self.shadow_id:
             raise InvalidRequest("the shadow must have another id than the live adapter")
         for example in self.examples:
@@ -95,10 +101,12 @@ class TrainReport:
     mean_loss: float
     seconds: float
     yielded_rounds: int
+    floor_pieces: int = 0  # examples run only because training was owed its min_share
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "mean_loss": self.mean_loss, "seconds": round(self.seconds, 3), "yielded_rounds": self.yielded_rounds}
+                "mean_loss": self.mean_loss, "seconds": round(self.seconds, 3), "yielded_rounds": self.yielded_rounds,
+                "floor_pieces": self.floor_pieces}
 
 
 @dataclass
@@ -106,11 +114,12 @@ class TrainingPolicy:
     """The fast loop: how much training may run in this worker round."""
 
     latency_target_s: float
+    min_share: float = 0.0
 
     def examples_this_round(
         self, queued: int, running_rows: int, decode_step_s: float, example_s: float | None, remaining: int
     ) -> int:
-        """Examples to put through forward and backward now (0: yield this round). `example_s` is the
+        """Examples that fit in this round's latency target (0: yield this round). `example_s` is the
         measured time per training example (None before the first), `remaining` what is left of the step."""
         if queued > 0:
             return 0  # waiting requests are admitted first; training resumes once they run
@@ -120,6 +129,15 @@ class TrainingPolicy:
             return 1  # measure with the smallest piece before trusting the target
         fitting = int((self.latency_target_s - decode_step_s) / max(example_s, 1e-9))
         return max(0, min(remaining, fitting))
+
+    def owed_a_piece(self, example_s: float | None, since_trained_s: float) -> bool:
+        """When nothing fits: whether training has waited long enough that one example now keeps its share of
+        the worker's time at min_share (a piece of example_s after a wait of example_s * (1 - share) / share;
+        before any piece was measured, the latency target stands in for example_s)."""
+        if self.min_share <= 0:
+            return False
+        piece_s = example_s if example_s is not None else self.latency_target_s
+        return since_trained_s >= piece_s * (1 - self.min_share) / self.min_share
 
 
 Encoded = tuple[list[int], list[int], float]  # input ids, labels, weight
@@ -138,6 +156,8 @@ class TrainingRun:
     started: float = field(default_factory=time.perf_counter)
     losses: list[float] = field(default_factory=list)
     yielded_rounds: int = 0
+    floor_pieces: int = 0
+    last_piece_end: float | None = None  # perf_counter when training last ran
     example_s: float | None = None  # measured time per example through forward and backward
     _order: list[int] = field(default_factory=list)
     # The optimizer step in progress: examples not yet through backward, its total weight, its loss so far.
@@ -158,6 +178,9 @@ class TrainingRun:
             batch.append(self.encoded[self._order.pop()])
         return batch
 
+    def since_trained_s(self, now: float) -> float:
+        return now - (self.last_piece_end if self.last_piece_end is not None else self.started)
+
     @property
     def remaining_in_step(self) -> int:
         return len(self.pending) if self.pending else min(self.spec.batch_size, len(self.encoded))
@@ -175,6 +198,7 @@ class TrainingRun:
     def piece_done(self, loss: float, examples: int, seconds: float) -> bool:
         """Account for a piece that went through backward; True when the step's last piece did."""
         self.step_loss += loss
+        self.last_piece_end = time.perf_counter()
         per_example = seconds / max(1, examples)
         # Smoothed: one slow piece (a long example, a busy core) should not stop training for long.
         self.example_s = per_example if self.example_s is None else 0.7 * self.example_s + 0.3 * per_example
@@ -186,12 +210,12 @@ class TrainingRun:
     def report(self) -> TrainReport:
         losses = self.losses or [float("nan")]
         return TrainReport(len(self.losses), losses[0], losses[-1], sum(losses) / len(losses),
-                           time.perf_counter() - self.started, self.yielded_rounds)
+                           time.perf_counter() - self.started, self.yielded_rounds, self.floor_pieces)
 
     def status(self) -> dict[str, Any]:
         return {"shadow": self.spec.shadow_id, "live": self.spec.live_id, "steps_done": len(self.losses),
                 "steps": self.spec.steps, "last_loss": self.losses[-1] if self.losses else None,
-                "yielded_rounds": self.yielded_rounds}
+                "yielded_rounds": self.yielded_rounds, "floor_pieces": self.floor_pieces}
 
 
 def encode_example(

@@ -162,6 +162,7 @@ async def train_and_keep_if_better(
     lr: float = 3e-4,
     batch_size: int = 4,
     latency_target_s: float = 0.5,
+    min_share: float = 0.05,
     seed: int = 0,
     concurrency: int = EVAL_CONCURRENCY,
 ) -> TrainOutcome:
@@ -172,7 +173,7 @@ async def train_and_keep_if_better(
         before = await evaluate(engine, live_id, validation, concurrency=concurrency)
     report = await engine.train_shadow(TrainSpec(
         live_id=live_id, shadow_id=shadow_id, examples=list(examples), steps=steps, lr=lr,
-        batch_size=batch_size, latency_target_s=latency_target_s, seed=seed,
+        batch_size=batch_size, latency_target_s=latency_target_s, min_share=min_share, seed=seed,
     ))
     after = await evaluate(engine, shadow_id, validation, concurrency=concurrency)
     swapped = after.accuracy > before.accuracy

@@ -221,7 +221,7 @@ class LearnService:
         s = self.settings
         outcome = await learner.train_and_keep_if_better(
             engine, LIVE_ADAPTER, examples, self.val, steps=steps, before=self.evaluation, lr=s.lr,
-            latency_target_s=s.latency_target_s,
+            latency_target_s=s.latency_target_s, min_share=s.min_training_share,
         )
         self.evaluation = outcome.live
         if outcome.swapped:

@@ -18,6 +18,7 @@ class LearnSettings:
     round_steps: int = 30  # training steps of a student per round
     lr: float = 1e-3
     latency_target_s: float = 0.5  # per token, for requests served while a shadow trains
+    min_training_share: float = 0.05  # of the engine's time, for training under load that leaves it no room
     public_validation: int = 4  # shared validation examples per category of the built-in task family
     transfer_file: str = ""  # a given public transfer set, JSONL of {"prompt"} rows; empty: the shipped one
     tick_s: float = 1.0  # not a config key: how often the node looks at the ledger's learning records
