@@ -162,7 +162,7 @@ async def train_and_keep_if_better(
     lr: float = 3e-4,
     batch_size: int = 4,
     latency_target_s: float = 0.5,
-    min_share: float = 0.05,
+    min_share: float = TrainSpec.min_share,
     seed: int = 0,
     concurrency: int = EVAL_CONCURRENCY,
 ) -> TrainOutcome:
