@@ -139,13 +139,15 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
             state, rejected = close_round(state, rewards)
             assert not rejected, rejected
         curve.append(await test_accuracy())
-        # The teacher's summed per-category lead over its student, what the matchmaker's prior credits.
-        pairs_text = ", ".join(f"{p.teacher}->{p.student} (lead {sum(p.context[2 * node_dim():]):.2f})"
-                               for p in pairs) or "-"
+        # Per pair: the teacher's summed per-category lead over its student (what the matchmaker's prior
+        # credits), then the student's validation gain, loss drop and whether it kept the shadow.
+        pairs_text = ", ".join(
+            f"{p.teacher}->{p.student} (lead {sum(p.context[2 * node_dim():]):.2f}, "
+            f"gain {rewards[p.student].gain:+.3f}, loss drop {rewards[p.student].loss_drop:+.4f}"
+            f"{', kept' if rewards[p.student].swapped else ''})"
+            for p in pairs) or "-"
         print(f"  {condition:6s} round {round_no}: test accuracy {curve[-1]:.3f}  pairs {pairs_text}  "
-              f"gains {[round(r.gain, 3) for r in rewards.values()]}  "
-              f"loss drops {[round(r.loss_drop, 4) for r in rewards.values()]}  ({time.perf_counter() - started:.0f}s)",
-              flush=True)
+              f"({time.perf_counter() - started:.0f}s)", flush=True)
     for a in agents:
         await engine.unload_adapter(a.live)
         await engine.unload_adapter(learner.shadow_of(a.live))

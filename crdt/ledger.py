@@ -123,6 +123,9 @@ class Ledger:
         """A learning record (membership, matchmaker state, reward) under this node's namespace."""
         return self._write(learn_key(self.peer_id, topic), canonical_packb(record), ttl_s)
 
+    def retract_learn(self, topic: str, ttl_s: float) -> Entry:
+        return self._write(learn_key(self.peer_id, topic), b"", ttl_s, deleted=True)
+
     # -- remote input -----------------------------------------------------------------
 
     def merge(self, entries: Iterable[Entry]) -> MergeResult:

@@ -322,6 +322,17 @@ class Daemon:
         }
 
     # -- lifecycle -----------------------------------------------------------
+    async def say_goodbye(self) -> None:
+        """Before a clean stop, while every connection is still up: retract this node's profile (and its
+        learning membership), so that peers stop choosing it at once instead of when the records expire
+        (bounded; a crash skips it, and the records just expire)."""
+        if self.ledger is None or self.ledger_service is None:
+            return
+        entries = [self.ledger.retract_profile(ttl_s=self.ledger_service.profile_ttl_s)]
+        if self.learn is not None:
+            entries += self.learn.leave()
+        await self.ledger_service.say_goodbye(entries)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Raises DaemonError if the node cannot start."""
         self._lock.acquire()
@@ -460,6 +471,7 @@ async def run_until_signal(daemon: Daemon) -> None:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                    await daemon.say_goodbye()
                     nursery.cancel_scope.cancel()
                     return
 

@@ -39,6 +39,7 @@ METHOD_SUMMARY = "ledger.summary"
 METHOD_EXCHANGE = "ledger.exchange"
 METHOD_PUSH = "ledger.push"
 BATCH_BYTES = 256 * 1024
+GOODBYE_TIMEOUT_S = 2.0
 PUBLISH_INTERVAL_S = 0.2  # at most 5 messages/s, under GossipSub's 10/s
 SYNC_TIMEOUT_S = 10.0
 MAX_BATCHES = 24  # 24 x 256 KiB fits one 8 MiB RPC frame; the next sync does the rest
@@ -114,6 +115,28 @@ class LedgerService:
                 task_status.started()
         finally:
             self.mesh.connect_listeners.remove(self._on_connect)
+
+    async def say_goodbye(self, entries: list[Entry]) -> int:
+        """On the way out, while the connections are still up: the node's last words (its retracted profile,
+        and whatever else it withdraws, already written to the ledger) pushed by RPC to each connected peer,
+        which gossips them on. Bounded; returns how many peers acknowledged."""
+        batches = codec.encode_entry_batches(entries, BATCH_BYTES)
+        told: list[str] = []
+
+        async def tell(peer: str) -> None:
+            try:
+                await self.rpc.call(PeerID.from_base58(peer), METHOD_PUSH, PushRequest(entries=batches),
+                                    response_model=PushResponse)
+                told.append(peer)
+            except Exception as exc:  # a peer that is going too, or already gone
+                log.debug("event=goodbye_failed peer=%s reason=%s", peer, exc)
+
+        with trio.move_on_after(GOODBYE_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for peer in self.mesh.peers():
+                    nursery.start_soon(tell, peer.peer_id)
+        log.info("event=goodbye entries=%d peers_told=%d", len(entries), len(told))
+        return len(told)
 
     def refresh_profile(self) -> None:
         """Write our profile now (and announce it); call when something changed."""

@@ -72,13 +72,19 @@ def test_three_daemons_list_each_other_stop_and_keep_identity(mesh):
         assert table.returncode == 0 and "direct" in table.stdout
         status = cli("status", "--data-dir", str(node.data_dir))
         assert status.returncode == 0 and ids[node.index] in status.stdout
-    for node in mesh:
+    for node in reversed(mesh):
         took = stop_daemon(node.process, timeout_s=10)
         assert node.process.returncode == 0
         assert took < 5.0, f"node {node.index} took {took:.2f}s to stop"
         log = (node.data_dir / "daemon.log").read_text()
         assert "Traceback" not in log
         assert "event=stopped" in log
+        if node.index == 2:
+            # It said goodbye: its profile is retracted in the others' ledgers, not left to expire.
+            assert "event=goodbye entries=1 peers_told=2" in log
+            entries = json.loads(cli("ledger", "--json", "--peer", ids[2], "--data-dir", str(mesh[0].data_dir)).stdout)
+            profile = next(e for e in entries["entries"] if e["kind"] == "profile")
+            assert profile["deleted"] is True
     # Restart keeps the peer id.
     node = mesh[0]
     node.process = start_daemon(node.data_dir, [], node.data_dir / "daemon.log")

@@ -374,3 +374,52 @@ async def test_collab_bad_input_and_no_peers(tmp_path):
         stats = (await api_get(alone, "/v1/collab")).json()
         assert stats["queue_length"] == 0 and stats["verification"]["checks"] == 0
 
+
+
+async def test_peers_known_only_from_the_ledger_take_part_and_a_dead_one_is_skipped(tmp_path, tiny_model):
+    """A chain far - near - origin: the origin is connected to `near` only and knows `far` from the
+    replicated ledger; a round still reaches `far` (the RPC layer dials it through the DHT). Once `far` has
+    crashed, a vote goes on without it, and it is not dialled again for a while."""
+    shared = tmp_path / "shared-cache"
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        far_scope = trio.CancelScope()
+
+        async def run_far(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with far_scope:
+                async with running_daemon(tmp_path / "far", model=tiny_model, cache_dir=shared) as far:
+                    task_status.started(far)
+                    await trio.sleep_forever()
+
+        far = await nursery.start(run_far)
+        await wait_for(lambda: _ready(far), 60)
+        near = await stack.enter_async_context(
+            running_daemon(tmp_path / "near", [p2p_addr(far)], model=tiny_model, cache_dir=shared))
+        await wait_for(lambda: _ready(near), 60)
+        origin = await stack.enter_async_context(running_daemon(tmp_path / "origin", [p2p_addr(near)]))
+        await wait_for(lambda: _sees_models(origin, [far, near]), 30)
+        # The DHT's first lookups may have connected them; a large mesh would not have: close that link.
+        if far.peer_id in {p.peer_id for p in origin.mesh.peers()}:
+            await origin.host.disconnect(PeerID.from_base58(far.peer_id))
+        await wait_for(lambda: far.peer_id not in {p.peer_id for p in origin.mesh.peers()}, 10)
+        assert {c.peer_id: c.connected for c in origin.collab.candidates()} == {far.peer_id: False,
+                                                                                 near.peer_id: True}
+
+        body = {"mode": "moa", "messages": QUESTION, "k": 2, "m": 1, "max_tokens": 6, "deadline_s": 60}
+        response = await _post(origin, "/v1/collab/ask", body)
+        assert response.status_code == 200, response.text
+        assert set(response.json()["contributors"]) == {far.peer_id, near.peer_id}
+        assert far.peer_id in {p.peer_id for p in origin.mesh.peers()}  # dialled for the round
+
+        # Cancelled in-process with no goodbye, as a crash: its profile is not retracted (a clean stop by
+        # signal retracts it, see test_cli).
+        far_scope.cancel()
+        await wait_for(lambda: far.peer_id not in {p.peer_id for p in origin.mesh.peers()}, 30)
+        vote = {"mode": "vote", "messages": QUESTION, "requirement": {"math": 1.0}, "executors": 2,
+                "max_tokens": 6, "deadline_s": 30}
+        response = await _post(origin, "/v1/collab/ask", vote)
+        assert response.status_code == 200, response.text
+        assert [b["peer_id"] for b in response.json()["bids"]] == [near.peer_id]
+        # Its profile lives on in the ledger until it expires, but it is not dialled again for a while.
+        assert far.peer_id not in {c.peer_id for c in origin.collab.candidates()}
+

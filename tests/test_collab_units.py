@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knexa.node.collab.admission import AdmissionController, Overloaded, RateWindow, RoundPlan, utilisation
-from knexa.node.collab.moa import Candidate, RoundState, aggregate_messages, layer_messages, rank_peers, select_peers
+from knexa.node.collab.moa import (
+    Candidate,
+    ReachMemory,
+    RoundState,
+    aggregate_messages,
+    layer_messages,
+    rank_peers,
+    select_peers,
+)
 from knexa.node.collab.verify import PeerTally, VerifyPolicy, judge, should_check
 from knexa.node.collab.vote import (
     Ballot,
@@ -165,6 +173,27 @@ def test_select_peers_lowest_load_then_reputation_random_among_equals():
     ranked = rank_peers(_candidates(), random.Random(0))
     assert [c.peer_id for c in ranked][-1] == "busy" and "cheat" not in [c.peer_id for c in ranked]
     assert select_peers(_candidates(), 5, random.Random(0), model="other") == []
+
+
+def test_select_peers_prefers_connected_peers_among_equals_only():
+    near = Candidate("near", ("m",), 1, 0.9)
+    far = Candidate("far", ("m",), 1, 0.9, connected=False)
+    idle_far = Candidate("idle-far", ("m",), 0, 0.9, connected=False)
+    for seed in range(20):
+        ranked = rank_peers([far, near, idle_far], random.Random(seed))
+        # Load first: an idle peer is worth a dial; among equals the one already connected.
+        assert [c.peer_id for c in ranked] == ["idle-far", "near", "far"]
+
+
+def test_reach_memory_leaves_an_unreachable_peer_out_for_its_cooldown():
+    memory = ReachMemory(cooldown_s=60.0)
+    assert not memory.blocked("p", 0.0)
+    memory.failed("p", 10.0)
+    assert memory.blocked("p", 69.0) and not memory.blocked("q", 69.0)
+    assert not memory.blocked("p", 70.0)  # the cooldown is over: tried again
+    memory.failed("p", 100.0)
+    memory.reached("p")
+    assert not memory.blocked("p", 101.0)
 
 
 def test_layer_prompts_carry_previous_answers_numbered():

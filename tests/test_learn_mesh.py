@@ -216,4 +216,12 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         after = survivors[0].learn.current_state()
         assert after.bandit.updates >= closing.bandit.updates  # the learned state carried over
         assert after.history[-1].rewards  # rounds kept closing with rewards after the death
+
+        # A node that stops cleanly (SIGTERM, see test_cli) says goodbye first: its membership and profile
+        # are withdrawn from its peers' ledgers at once, so no matchmaker pairs it while the records live on.
+        leaving, staying = survivors[-1], survivors[0]
+        await leaving.say_goodbye()
+        assert leaving.learn.phase == "leaving"
+        assert leaving.peer_id not in staying.ledger.learn_entries("member")
+        assert leaving.peer_id not in staying.ledger.profiles()
         nursery.cancel_scope.cancel()

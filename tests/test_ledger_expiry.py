@@ -81,6 +81,17 @@ def test_retracted_profile_disappears_everywhere() -> None:
     assert all(r.profiles() == {} for r in replicas)
 
 
+def test_retracted_learning_membership_disappears_everywhere() -> None:
+    clock = FakeClock()
+    replicas = mesh(clock, 3)
+    replicas[0].put_learn("member", {"accuracy": 0.5, "skills": {}}, ttl_s=120)
+    gossip(replicas)
+    assert all(replicas[0].peer_id in r.learn_entries("member") for r in replicas)
+    replicas[0].retract_learn("member", ttl_s=120)
+    gossip(replicas)
+    assert all(r.learn_entries("member") == {} for r in replicas)
+
+
 def test_expired_reports_stop_counting() -> None:
     clock = FakeClock()
     reporter, subject = mesh(clock, 2)

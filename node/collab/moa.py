@@ -14,6 +14,7 @@ from typing import Any
 
 MIN_REPUTATION = 0.4
 MAX_ANSWER_CHARS_IN_PROMPT = 2000
+UNREACHABLE_COOLDOWN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,29 @@ class Candidate:
     queue_length: int
     reputation: float
     mean_service_time_s: float = 0.0
+    connected: bool = True  # False: known from the ledger only, asking it costs a dial
+
+
+@dataclass
+class ReachMemory:
+    """Peers that could not be reached when not connected: left out for a while, so a peer that died (its
+    profile lives on in the ledger until it expires) does not cost every round a failed dial."""
+
+    cooldown_s: float = UNREACHABLE_COOLDOWN_S
+    _until: dict[str, float] = field(default_factory=dict)
+
+    def failed(self, peer_id: str, now: float) -> None:
+        self._until[peer_id] = now + self.cooldown_s
+
+    def reached(self, peer_id: str) -> None:
+        self._until.pop(peer_id, None)
+
+    def blocked(self, peer_id: str, now: float) -> bool:
+        until = self._until.get(peer_id)
+        if until is not None and now >= until:
+            del self._until[peer_id]
+            return False
+        return until is not None
 
 
 def select_peers(
@@ -37,7 +61,8 @@ def select_peers(
     min_reputation: float = MIN_REPUTATION,
 ) -> list[Candidate]:
     """Up to k peers serving a model (`model` if given), reputation at least `min_reputation`, lowest load
-    first, better reputation next, random among equals. The rest, in the same order, are the spares."""
+    first, better reputation next, then connected ones (no dial), random among equals. The rest, in the same
+    order, are the spares."""
     excluded = set(exclude)
     eligible = [
         c for c in candidates
@@ -46,7 +71,7 @@ def select_peers(
     ]
     # Shuffle first: the sort is stable, so equals keep a random order.
     rng.shuffle(eligible)
-    eligible.sort(key=lambda c: (c.queue_length, -round(c.reputation, 2)))
+    eligible.sort(key=lambda c: (c.queue_length, -round(c.reputation, 2), not c.connected))
     return eligible[:k] if k >= 0 else eligible
 
 

@@ -28,10 +28,12 @@ from knexa.node.collab.admission import AdmissionController, Overloaded
 from knexa.node.collab.moa import (
     MIN_REPUTATION,
     Candidate,
+    ReachMemory,
     RoundState,
     aggregate_messages,
     layer_messages,
     rank_peers,
+    select_peers,
 )
 from knexa.node.collab.verify import PeerTally, Verdict, VerifyPolicy, judge, should_check
 from knexa.node.collab.vote import Ballot, Bid, choose_executors, cosine, final_answer, weighted_vote
@@ -69,6 +71,7 @@ class CollabSettings:
     layer_deadline_s: float = 60.0
     min_reputation: float = MIN_REPUTATION
     skills: dict[str, float] = field(default_factory=dict)
+    max_beacons: int = 16  # peers a vote's beacon goes to (the least loaded first)
 
 
 class CollabError(Exception):
@@ -125,6 +128,7 @@ class CollabService:
         self.verify_counters = VerifyCounters()
         self.tallies: dict[str, PeerTally] = {}
         self.rounds = {"moa": 0, "vote": 0, "failed": 0}
+        self.reach = ReachMemory()
         self._verify_send, self._verify_receive = trio.open_memory_channel[_VerifyJob](VERIFY_QUEUE)
         rpc.register(METHOD_PROPOSE, self._handle_propose, ProposeCall, ProposeReply)
         rpc.register(METHOD_BID, self._handle_bid, BidCall, BidReply)
@@ -222,21 +226,32 @@ class CollabService:
 
     # -- peers as the ledger shows them ------------------------------------------------------------
     def candidates(self) -> list[Candidate]:
+        """Every peer with a live ledger profile that serves a model: connected ones, and the others the RPC
+        layer dials when asked (through the peerstore, the DHT or the peer's relay), except those that could
+        not be reached lately (a dead peer's profile lives on until it expires)."""
         ledger = self._ledger()
         if ledger is None:
             return []
-        profiles = ledger.profiles()
+        connected = set(self._connected_peers())
+        now = trio.current_time()
         out = []
-        for peer in self._connected_peers():
-            profile = profiles.get(peer)
-            if peer == self.peer_id or profile is None or not profile.models:
+        for peer, profile in ledger.profiles().items():
+            if peer == self.peer_id or not profile.models:
+                continue
+            if self.reach.blocked(peer, now):
                 continue
             out.append(Candidate(
                 peer_id=peer, models=tuple(m.name for m in profile.models), queue_length=profile.load.queue_length,
                 reputation=ledger.reputation(peer).score,
-                mean_service_time_s=profile.throughput.mean_service_time_s,
+                mean_service_time_s=profile.throughput.mean_service_time_s, connected=peer in connected,
             ))
         return out
+
+    def _note_reach(self, peer_id: str, failure: BaseException | None) -> None:
+        if failure is None:
+            self.reach.reached(peer_id)
+        elif _unreachable(failure):
+            self.reach.failed(peer_id, trio.current_time())
 
     # -- asking one peer -------------------------------------------------------------------------
     async def ask_peer(
@@ -267,6 +282,8 @@ class CollabService:
             else:
                 reply = await self.ask_peer(participant, state.round_id, layer, messages, params, deadline - started)
         except (RpcError, CollabError, OSError, trio.BrokenResourceError) as exc:
+            if participant != self.peer_id:
+                self._note_reach(participant, exc)
             state.record_miss(layer, participant, _reason(exc))
             log.info('event=moa_peer_failed peer=%s layer=%d reason="%s"', participant, layer, _reason(exc))
             if participant == self.peer_id:
@@ -275,6 +292,8 @@ class CollabService:
             if spare is not None and trio.current_time() < deadline:
                 await self._propose(state, layer, spare, messages, params, deadline)
             return
+        if participant != self.peer_id:
+            self._note_reach(participant, None)
         state.record_answer(layer, participant, reply.text, reply.model, trio.current_time() - started)
 
     async def _run_layer(
@@ -305,7 +324,7 @@ class CollabService:
         ranked = rank_peers(self.candidates(), self.rng, min_reputation=self.settings.min_reputation)
         own = self.own_model() is not None
         if not ranked and not own:
-            raise CollabError("no_peers", "no connected peer serves a model and this node runs none")
+            raise CollabError("no_peers", "no peer in the ledger serves a model and this node runs none")
         alpha_max = max((c.mean_service_time_s for c in ranked[:k]), default=0.0)
         plan = self.admission.plan_round(began, k, m, alpha_s=alpha_max)
         if isinstance(plan, Overloaded):
@@ -361,14 +380,16 @@ class CollabService:
         self, messages: list[dict[str, str]], requirement: dict[str, float], n: int, params: GenerateParams,
         deadline_s: float | None = None,
     ) -> dict[str, Any]:
-        """Beacon to every connected peer with a model (and this node); the n best-scoring execute; the
-        answers' final results are combined by a vote weighted by the executors' scores."""
+        """Beacon to the peers with a model (the least loaded `max_beacons` of them, connected or known from the
+        ledger) and this node; the n best-scoring execute; the answers' final results are combined by a vote
+        weighted by the executors' scores."""
         if n < 1:
             raise CollabError("bad_request", "at least one executor is needed")
         deadline_s = deadline_s or self.settings.layer_deadline_s
         began = trio.current_time()
         task_id = uuid.uuid4().hex[:16]
-        peers = [c.peer_id for c in self.candidates() if c.reputation >= self.settings.min_reputation]
+        peers = [c.peer_id for c in select_peers(self.candidates(), self.settings.max_beacons, self.rng,
+                                                 min_reputation=self.settings.min_reputation)]
         bids: list[Bid] = [self.own_bid(requirement)] if self.own_model() else []
 
         async def collect_bid(peer: str) -> None:
@@ -378,8 +399,10 @@ class CollabService:
                     timeout=min(BID_TIMEOUT_S, deadline_s), response_model=BidReply,
                 )
             except (RpcError, OSError) as exc:
+                self._note_reach(peer, exc)
                 log.info('event=bid_failed peer=%s reason="%s"', peer, _reason(exc))
                 return
+            self._note_reach(peer, None)
             if reply.model:
                 bids.append(Bid(peer, reply.score, reply.queue_length))
 
@@ -511,3 +534,11 @@ def _reason(exc: BaseException) -> str:
             f": {exc.message}" if exc.message and after is None else ""
         )
     return f"{type(exc).__name__}: {exc}"
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A failure that says the peer could not be reached at all (no dial, no stream), not that it refused,
+    erred or was slow."""
+    if isinstance(exc, RpcError):
+        return exc.code == ErrorCode.UNAVAILABLE
+    return isinstance(exc, OSError | trio.BrokenResourceError)

@@ -121,7 +121,7 @@ class LearnService:
         self.shared_val = 0  # how many of val are the shared validation set's
         self.evaluation: learner.Evaluation | None = None
         self.local_outcome: dict[str, Any] | None = None
-        self.phase = "idle"  # idle, training, enrolled
+        self.phase = "idle"  # idle, training, enrolled, leaving
         self.log: list[RoundLog] = []
         self.rejected: dict[str, int] = {}
         # Read on every tick; parsed (and, if bad, counted) once per version.
@@ -242,6 +242,15 @@ class LearnService:
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
                            "examples": len(self.train) + self.own_validation},
                   self.settings.member_ttl_s)
+
+    def leave(self) -> list[Entry]:
+        """The node is stopping: it takes part in no more rounds, and withdraws its membership (the entries
+        returned, for the ledger service to push) so that no matchmaker pairs it meanwhile."""
+        self.phase = "leaving"
+        ledger = self._ledger()
+        if ledger is None or self.peer_id not in self._learn_entries(MEMBER):
+            return []
+        return [ledger.retract_learn(MEMBER, self.settings.member_ttl_s)]
 
     def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
         """Each live member's validation accuracy and skills, as it published them."""
