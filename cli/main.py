@@ -217,15 +217,15 @@ def id_(
 def peers(
     data_dir: DataDir = None, config: ConfigFile = None, api: Api = None, token: Token = None, json_: Json = False
 ) -> None:
-    """Show the peers this node is connected to."""
+    """Show the peers this node is connected to, then the rest of the mesh its ledger knows."""
     from knexa.cli.render import print_peers
 
     client = _client(data_dir, config, api, token)
-    listing = _get(client, "/v1/peers")["peers"]
+    listing = _get(client, "/v1/peers")
     if json_:
-        _print_json(listing)
+        _print_json(listing["peers"])  # the connected peers: the known ones are in the API's "known"
         return
-    print_peers(console, _get(client, "/v1/node"), listing)
+    print_peers(console, _get(client, "/v1/node"), listing["peers"], listing.get("known", []))
 
 
 @app.command()

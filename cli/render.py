@@ -55,13 +55,35 @@ def peers_table(peers: list[dict[str, Any]]) -> Table:
     return table
 
 
-def print_peers(console: Console, node: dict[str, Any], peers: list[dict[str, Any]]) -> None:
+def known_peers_table(known: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("PEER", "REACHABILITY", "MODEL", "DEVICE", "LOAD", "PROFILE UPDATED"):
+        table.add_column(column, no_wrap=True)
+    for peer in known:
+        profile = peer["profile"]
+        table.add_row(
+            short_id(peer["peer_id"]),
+            profile["reachability"],
+            ",".join(profile["models"]) or "-",
+            profile["device"] or "-",
+            f"q{profile['queue_length']}",
+            ago(peer["updated_at"]) + " ago",
+        )
+    return table
+
+
+def print_peers(
+    console: Console, node: dict[str, Any], peers: list[dict[str, Any]], known: list[dict[str, Any]] | None = None
+) -> None:
     console.print(
         f"[bold]{short_id(node['peer_id'])}[/bold] (this node) · {len(peers)} peer(s) connected",
         highlight=False,
     )
     if peers:
         console.print(peers_table(peers))
+    if known:
+        console.print(f"\n{len(known)} more in the ledger, not connected (dialled when needed):", highlight=False)
+        console.print(known_peers_table(known))
 
 
 def print_status(console: Console, node: dict[str, Any]) -> None:

@@ -80,8 +80,15 @@ class Peer(BaseModel):
     profile: ProfileSummary | None = None
 
 
+class KnownPeer(BaseModel):
+    peer_id: str
+    profile: ProfileSummary
+    updated_at: float  # when the peer last wrote its profile (its clock, seconds since the epoch)
+
+
 class Peers(BaseModel):
     peers: list[Peer]
+    known: list[KnownPeer] = []  # live ledger profiles of peers this node is not connected to
 
 
 class LedgerEntry(BaseModel):
@@ -136,7 +143,7 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/v1/peers", response_model=Peers, dependencies=authed)
     async def peers() -> Any:
-        return {"peers": daemon.peers_view()}
+        return {"peers": daemon.peers_view(), "known": daemon.known_peers_view()}
 
     @app.get("/v1/ledger", response_model=LedgerListing, dependencies=authed)
     async def ledger(peer: str | None = None) -> Any:

@@ -23,6 +23,7 @@ from libp2p.peer.id import ID as PeerID
 
 from knexa.crdt.entry import Entry
 from knexa.crdt.ledger import Ledger
+from knexa.crdt.namespace import profile_key
 from knexa.crdt.profile import CapabilityProfile, Device, Load, Reachability
 from knexa.crdt.store import LedgerStore
 from knexa.dht import Discovery
@@ -292,6 +293,20 @@ class Daemon:
             {**p.to_dict(), "profile": profile_summary(profiles.get(p.peer_id))}
             for p in self.mesh.peers()
         ]
+
+    def known_peers_view(self) -> list[dict[str, Any]]:
+        """Peers with a live ledger profile that this node holds no connection to: the rest of the mesh,
+        reachable on demand (collaboration dials them)."""
+        if self.ledger is None:
+            return []
+        connected = {p.peer_id for p in self.mesh.peers()} | {self.peer_id}
+        known = []
+        for peer, profile in self.ledger.profiles().items():
+            entry = self.ledger.entry(profile_key(peer))
+            if peer in connected or entry is None:
+                continue
+            known.append({"peer_id": peer, "profile": profile_summary(profile), "updated_at": entry.wall_ms / 1000})
+        return sorted(known, key=lambda k: -k["updated_at"])
 
     def ledger_view(self, author: str | None = None) -> dict[str, Any]:
         assert self.ledger is not None and self.ledger_service is not None

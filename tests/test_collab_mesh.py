@@ -404,6 +404,14 @@ async def test_peers_known_only_from_the_ledger_take_part_and_a_dead_one_is_skip
         await wait_for(lambda: far.peer_id not in {p.peer_id for p in origin.mesh.peers()}, 10)
         assert {c.peer_id: c.connected for c in origin.collab.candidates()} == {far.peer_id: False,
                                                                                  near.peer_id: True}
+        # `knexa-node peers` shows it too, below the connected ones.
+        listing = (await api_get(origin, "/v1/peers")).json()
+        assert [p["peer_id"] for p in listing["peers"]] == [near.peer_id]
+        assert [k["peer_id"] for k in listing["known"]] == [far.peer_id]
+        assert listing["known"][0]["profile"]["models"] == [MODEL_NAME]
+        shown = await _cli(origin, "peers")
+        assert shown.returncode == 0, shown.stderr
+        assert "1 peer(s) connected" in shown.stdout and "1 more in the ledger, not connected" in shown.stdout
 
         body = {"mode": "moa", "messages": QUESTION, "k": 2, "m": 1, "max_tokens": 6, "deadline_s": 60}
         response = await _post(origin, "/v1/collab/ask", body)
