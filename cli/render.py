@@ -140,6 +140,8 @@ def _short_key(key: str) -> str:
 
 def _value_summary(entry: dict[str, Any]) -> str:
     value = entry.get("value")
+    if entry["deleted"]:
+        return "(retracted)"
     if entry["kind"] == "profile" and isinstance(value, dict):
         models = ",".join(m["name"] for m in value.get("models", [])) or "no model"
         return f"{value['device']['backend']} · {models} · queue {value['load']['queue_length']}"

@@ -85,6 +85,8 @@ def test_three_daemons_list_each_other_stop_and_keep_identity(mesh):
             entries = json.loads(cli("ledger", "--json", "--peer", ids[2], "--data-dir", str(mesh[0].data_dir)).stdout)
             profile = next(e for e in entries["entries"] if e["kind"] == "profile")
             assert profile["deleted"] is True
+            shown = cli("ledger", "--peer", ids[2], "--data-dir", str(mesh[0].data_dir)).stdout
+            assert "deleted" in shown and "(retracted)" in shown
     # Restart keeps the peer id.
     node = mesh[0]
     node.process = start_daemon(node.data_dir, [], node.data_dir / "daemon.log")
