@@ -250,7 +250,8 @@ class CollabService:
     def _note_reach(self, peer_id: str, failure: BaseException | None) -> None:
         if failure is None:
             self.reach.reached(peer_id)
-        elif _unreachable(failure):
+        elif _unreachable(failure) or peer_id not in self._connected_peers():
+            # Also a call that timed out with no connection opened: the dial itself hung.
             self.reach.failed(peer_id, trio.current_time())
 
     # -- asking one peer -------------------------------------------------------------------------
