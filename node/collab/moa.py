@@ -31,8 +31,8 @@ class Candidate:
 
 @dataclass
 class ReachMemory:
-    """Peers that could not be reached when not connected: left out for a while, so a peer that died (its
-    profile lives on in the ledger until it expires) does not cost every round a failed dial."""
+    """Peers that could not be reached lately: left out for a while, so a peer that died (its profile lives on
+    in the ledger until it expires) does not cost every round a failed dial."""
 
     cooldown_s: float = UNREACHABLE_COOLDOWN_S
     _until: dict[str, float] = field(default_factory=dict)
