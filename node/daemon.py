@@ -343,7 +343,7 @@ class Daemon:
         (bounded; a crash skips it, and the records just expire)."""
         if self.ledger is None or self.ledger_service is None:
             return
-        entries = [self.ledger.retract_profile(ttl_s=self.ledger_service.profile_ttl_s)]
+        entries = [self.ledger_service.retract_profile()]
         if self.learn is not None:
             entries += self.learn.leave()
         await self.ledger_service.say_goodbye(entries)

@@ -92,6 +92,7 @@ class LedgerService:
         self.syncs_failed = 0
         self.published_batches = 0
         self._pending: list[Entry] = []
+        self._retracted = False
         self._pending_event = trio.Event()
         self._profile_changed = trio.Event()
         self._sync_send, self._sync_receive = trio.open_memory_channel[str](256)
@@ -138,8 +139,16 @@ class LedgerService:
         log.info("event=goodbye entries=%d peers_told=%d", len(entries), len(told))
         return len(told)
 
+    def retract_profile(self) -> Entry:
+        """The node is leaving: its profile is withdrawn, and from now on never written again (a refresh
+        between the goodbye and the stop would bring it back until the TTL). Returns the retraction."""
+        self._retracted = True
+        return self.ledger.retract_profile(ttl_s=self.profile_ttl_s)
+
     def refresh_profile(self) -> None:
         """Write our profile now (and announce it); call when something changed."""
+        if self._retracted:
+            return
         self.announce([self.ledger.put_profile(self.profile_source(), ttl_s=self.profile_ttl_s)])
 
     def announce(self, entries: list[Entry]) -> None:

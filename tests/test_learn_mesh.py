@@ -18,6 +18,7 @@ from knexa.crdt.validation import RejectReason
 from knexa.net.rpc import ErrorCode, RpcError, sign_payload
 from knexa.net.rpc.wire import FramedStream
 from knexa.node.engine import GenerationRequest, SamplingParams
+from knexa.node.learn.errors import LearnError
 from knexa.node.learn.rounds import RewardReport
 from knexa.node.learn.wire import METHOD_TRANSFER, TRANSFER_TOPIC, TransferCall, TransferReply, TransferSet
 from tests.conftest import p2p_addr, running_daemon, wait_for
@@ -224,4 +225,11 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         assert leaving.learn.phase == "leaving"
         assert leaving.peer_id not in staying.ledger.learn_entries("member")
         assert leaving.peer_id not in staying.ledger.profiles()
+        # Until the stop, neither the profile refresh nor a round that ends writes them back.
+        leaving.ledger_service.refresh_profile()
+        leaving.learn._write_member()
+        assert leaving.peer_id not in leaving.ledger.profiles()
+        assert leaving.peer_id not in leaving.ledger.learn_entries("member")
+        with pytest.raises(LearnError, match="stopping"):
+            await leaving.learn.learn(Path("unused.jsonl"))
         nursery.cancel_scope.cancel()

@@ -155,9 +155,14 @@ class LearnService:
         return len(self.val) - self.shared_val
 
     # -- local learning --------------------------------------------------------------------------
-    async def _read(self, data_file: Path) -> list[tasks.Example]:
+    def _check_can_train(self) -> None:
         if self._training.locked():
             raise LearnError("busy", "this node is already training")
+        if self.phase == "leaving":
+            raise LearnError("unavailable", "this node is stopping")
+
+    async def _read(self, data_file: Path) -> list[tasks.Example]:
+        self._check_can_train()
         try:
             # Up to 64 MiB of JSON: parsed off the trio loop.
             return await trio.to_thread.run_sync(tasks.load_jsonl, data_file)
@@ -183,8 +188,7 @@ class LearnService:
         return await self._learn(await self._read(data_file))
 
     async def _learn(self, examples: list[tasks.Example]) -> dict[str, Any]:
-        if self._training.locked():
-            raise LearnError("busy", "this node is already training")
+        self._check_can_train()
         self.last_error = None
         async with self._training:
             self.phase = "training"
@@ -203,7 +207,8 @@ class LearnService:
                 self.local_outcome = outcome.to_dict()
                 self._on_skills(dict(self.evaluation.skills))
             finally:
-                self.phase = "enrolled" if self.evaluation is not None else "idle"
+                if self.phase != "leaving":
+                    self.phase = "enrolled" if self.evaluation is not None else "idle"
         self._write_member()
         log.info("event=learned examples=%d accuracy=%.3f swapped=%s", len(examples),
                  self.evaluation.accuracy, self.local_outcome["swapped"])
@@ -236,7 +241,7 @@ class LearnService:
         self._announce([ledger.put_learn(topic, record, ttl_s)])
 
     def _write_member(self) -> None:
-        if self.evaluation is None:
+        if self.evaluation is None or self.phase == "leaving":  # a round ending after the goodbye
             return
         self._member_written = time.monotonic()
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
