@@ -177,7 +177,17 @@ class Ledger:
         }
 
     def reputation(self, subject: str, now: float | None = None) -> Reputation:
-        return aggregate_reputation(subject, self.reports_about(subject, now).items())
+        return self.reputations([subject], now)[subject]
+
+    def reputations(self, subjects: Iterable[str], now: float | None = None) -> dict[str, Reputation]:
+        """Several subjects' reputations from one pass over the live reports (one pass per subject would
+        cost peers x reports when ranking a whole mesh)."""
+        reports: dict[str, dict[str, Report]] = {subject: {} for subject in subjects}
+        for e in self._state.live(self._ms(now), f"{Kind.REPORT}/"):
+            about = reports.get(e.key.rsplit("/", 1)[-1])
+            if about is not None and isinstance(report := self._parse(e), Report):
+                about[e.author] = report
+        return {subject: aggregate_reputation(subject, about.items()) for subject, about in reports.items()}
 
     def learn_entries(self, topic: str, now: float | None = None) -> dict[str, Entry]:
         """Live learning entries of one topic, by author, undecoded (readers that poll can skip the versions

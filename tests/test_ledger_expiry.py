@@ -101,6 +101,18 @@ def test_expired_reports_stop_counting() -> None:
     assert subject.reputation(subject.peer_id).report_count == 0
 
 
+def test_reputations_of_many_subjects_match_one_at_a_time() -> None:
+    clock = FakeClock()
+    a, b, c = mesh(clock, 3)
+    entries = [a.put_report(b.peer_id, 0.0, "wrong answers", ttl_s=60), a.put_report(c.peer_id, 1.0, "", ttl_s=60),
+               b.put_report(c.peer_id, 0.5, "", ttl_s=60), c.put_report(c.peer_id, 0.0, "self", ttl_s=60)]
+    a.merge(entries)
+    subjects = [a.peer_id, b.peer_id, c.peer_id, "no-such-peer"]
+    together = a.reputations(subjects)
+    assert together == {s: a.reputation(s) for s in subjects}
+    assert [together[s].report_count for s in subjects] == [0, 1, 2, 0]  # the self-report does not count
+
+
 def test_prune_forgets_long_expired_entries_without_resurrection() -> None:
     clock = FakeClock()
     writer, pruner, laggard = mesh(clock, 3)

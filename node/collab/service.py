@@ -234,18 +234,17 @@ class CollabService:
             return []
         connected = set(self._connected_peers())
         now = trio.current_time()
-        out = []
-        for peer, profile in ledger.profiles().items():
-            if peer == self.peer_id or not profile.models:
-                continue
-            if self.reach.blocked(peer, now):
-                continue
-            out.append(Candidate(
+        serving = {peer: profile for peer, profile in ledger.profiles().items()
+                   if peer != self.peer_id and profile.models and not self.reach.blocked(peer, now)}
+        reputations = ledger.reputations(serving)
+        return [
+            Candidate(
                 peer_id=peer, models=tuple(m.name for m in profile.models), queue_length=profile.load.queue_length,
-                reputation=ledger.reputation(peer).score,
+                reputation=reputations[peer].score,
                 mean_service_time_s=profile.throughput.mean_service_time_s, connected=peer in connected,
-            ))
-        return out
+            )
+            for peer, profile in serving.items()
+        ]
 
     def _note_reach(self, peer_id: str, failure: BaseException | None) -> None:
         if failure is None:
