@@ -73,15 +73,15 @@ class ApiClient:
 
     def post(self, path: str, body: dict[str, Any], timeout_s: float = 60.0) -> Any:
         """POST JSON and return the JSON answer; ApiError with the daemon's reason on failure."""
-        return self.get(path, timeout_s, body=body)
+        return self.request("POST", path, timeout_s, body)
 
-    def get(self, path: str, timeout_s: float = 5.0, body: dict[str, Any] | None = None) -> Any:
-        """GET `path` (POST `body` when given); the JSON answer, or ApiError with the reason."""
+    def get(self, path: str, timeout_s: float = 5.0) -> Any:
+        return self.request("GET", path, timeout_s)
+
+    def request(self, method: str, path: str, timeout_s: float, body: dict[str, Any] | None = None) -> Any:
+        """One call to the local API: the JSON answer, or ApiError with the reason."""
         try:
-            if body is None:
-                response = httpx.get(self.url + path, headers=self._headers(), timeout=timeout_s)
-            else:
-                response = httpx.post(self.url + path, json=body, headers=self._headers(), timeout=timeout_s)
+            response = httpx.request(method, self.url + path, json=body, headers=self._headers(), timeout=timeout_s)
         except httpx.ConnectError:
             raise ApiError(f"knexa-node is not running (no daemon answers at {self.url})") from None
         except httpx.TimeoutException:

@@ -61,22 +61,21 @@ def _client(data_dir: Path | None, config: Path | None, api: str | None, token: 
     return ApiClient(_config(data_dir, config), api, token)
 
 
-def _get(client: Any, path: str) -> Any:
+def _call(client: Any, method: str, path: str, timeout_s: float, body: dict[str, Any] | None = None) -> Any:
     from knexa.cli.client import ApiError
 
     try:
-        return client.get(path)
+        return client.request(method, path, timeout_s, body)
     except ApiError as exc:
         fail(str(exc))
+
+
+def _get(client: Any, path: str) -> Any:
+    return _call(client, "GET", path, 5.0)
 
 
 def _post(client: Any, path: str, body: dict[str, Any], timeout_s: float = 60.0) -> Any:
-    from knexa.cli.client import ApiError
-
-    try:
-        return client.post(path, body, timeout_s=timeout_s)
-    except ApiError as exc:
-        fail(str(exc))
+    return _call(client, "POST", path, timeout_s, body)
 
 
 def _print_json(data: Any) -> None:
@@ -346,9 +345,11 @@ app.add_typer(fuser_app, name="fuser")
 
 @app.command()
 def learn(
-    data: Annotated[Path, typer.Option(help="JSONL file of {\"prompt\", \"answer\", \"category\"?} lines; "
-                                            "it never leaves this node.")],
+    data: Annotated[Path | None, typer.Option(help="JSONL file of {\"prompt\", \"answer\", \"category\"?} "
+                                                   "lines; it never leaves this node.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Return when local training is done.")] = False,
+    leave: Annotated[bool, typer.Option("--leave", help="Take part in no more rounds; the adapter keeps "
+                                                        "serving (--data joins again).")] = False,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     api: Api = None,
@@ -358,12 +359,19 @@ def learn(
     """Train this node's LoRA adapter on private data, then take part in distillation rounds with peers."""
     from knexa.cli.learn import learn_body, print_learn
 
-    result = _post(_client(data_dir, config, api, token), "/v1/learn", learn_body(data, wait),
-                   timeout_s=3600.0 if wait else 60.0)
+    if leave == (data is not None):
+        fail("give either --data FILE (learn and join the rounds) or --leave", code=2)
+    client = _client(data_dir, config, api, token)
+    if leave:
+        result = _call(client, "DELETE", "/v1/learn", 60.0)
+    else:
+        result = _post(client, "/v1/learn", learn_body(data, wait), timeout_s=3600.0 if wait else 60.0)
     if json_:
         _print_json(result)
         return
-    if result.get("started"):
+    if leave:
+        console.print("left the distillation rounds; the adapter keeps serving", highlight=False)
+    elif result.get("started"):
         console.print("local training started; `knexa-node rounds` shows the rounds", highlight=False)
     print_learn(console, result)
 

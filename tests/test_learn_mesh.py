@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -45,6 +47,15 @@ def write_data(path: Path, node: int) -> Path:
              "category": ("arithmetic", "units", "strings", "dates")[(node + row) % 4]} for row in range(8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+async def knexa_node(daemon, *args: str) -> subprocess.CompletedProcess:
+    """The `knexa-node` CLI in its own process, pointed at an in-process daemon's API."""
+    done = await trio.run_process(
+        [sys.executable, "-m", "knexa.cli.main", *args, "--api", daemon.api_url, "--token", daemon.api_token],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 class Node:
@@ -217,6 +228,22 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         after = survivors[0].learn.current_state()
         assert after.bandit.updates >= closing.bandit.updates  # the learned state carried over
         assert after.history[-1].rewards  # rounds kept closing with rewards after the death
+
+        # A user takes a node out of the rounds (`knexa-node learn --leave`, the real CLI): it keeps serving,
+        # its membership is withdrawn from its peers' ledgers at once, and it no longer takes transfers.
+        quitter, watcher = survivors[1], survivors[0]
+        left = await knexa_node(quitter, "learn", "--leave")
+        assert left.returncode == 0 and "left the distillation rounds" in left.stdout, left.stderr
+        assert quitter.learn.phase == "idle" and quitter.peer_id not in watcher.ledger.learn_entries("member")
+        again = await knexa_node(quitter, "learn", "--leave")
+        assert again.returncode == 1 and "takes part in no rounds" in again.stderr
+        neither = await knexa_node(quitter, "learn")
+        assert neither.returncode == 2 and "--data FILE" in neither.stderr and "Traceback" not in neither.stderr
+        rounds = await knexa_node(watcher, "rounds", "--explain")
+        assert rounds.returncode == 0 and "distillation rounds" in rounds.stdout and "LinUCB scores" in rounds.stdout
+        answer = await quitter.inference.require_engine().generate(GenerationRequest(
+            prompt="hello", params=SamplingParams(max_new_tokens=2), adapter="learned"))
+        assert answer.token_ids
 
         # A node that stops cleanly (SIGTERM, see test_cli) says goodbye first: its membership and profile
         # are withdrawn from its peers' ledgers at once, so no matchmaker pairs it while the records live on.

@@ -1,4 +1,5 @@
-"""Local API routes of learning together: POST /v1/learn, GET /v1/learn, GET /v1/learn/rounds."""
+"""Local API routes of learning together: POST /v1/learn, DELETE /v1/learn, GET /v1/learn,
+GET /v1/learn/rounds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from knexa.node.learn.errors import LearnError
 if TYPE_CHECKING:
     from knexa.node.daemon import Daemon
 
-_STATUS = {"bad_request": 400, "busy": 409, "unavailable": 503}
+_STATUS = {"bad_request": 400, "busy": 409, "not_enrolled": 409, "unavailable": 503}
 
 
 class LearnRequest(BaseModel):
@@ -39,6 +40,14 @@ def add_learn_routes(router: APIRouter, daemon: Daemon) -> None:
         except LearnError as exc:
             raise HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}") from None
         return {**learn.status(), "started": True}
+
+    @router.delete("/v1/learn")
+    async def leave_rounds() -> Any:
+        """Take part in no more distillation rounds (membership withdrawn at once); the adapter keeps serving."""
+        try:
+            return service().leave_rounds()
+        except LearnError as exc:
+            raise HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}") from None
 
     @router.get("/v1/learn")
     async def learn_status() -> Any:

@@ -241,7 +241,7 @@ class LearnService:
         self._announce([ledger.put_learn(topic, record, ttl_s)])
 
     def _write_member(self) -> None:
-        if self.evaluation is None or self.phase == "leaving":  # a round ending after the goodbye
+        if self.evaluation is None or self.phase != "enrolled":  # e.g. a round ending after the node left
             return
         self._member_written = time.monotonic()
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
@@ -252,6 +252,21 @@ class LearnService:
         """The node is stopping: it takes part in no more rounds, and withdraws its membership (the entries
         returned, for the ledger service to push) so that no matchmaker pairs it meanwhile."""
         self.phase = "leaving"
+        return self._retract_member()
+
+    def leave_rounds(self) -> dict[str, Any]:
+        """Stop taking part in rounds while the node goes on serving: the membership is withdrawn at once (a
+        shadow still training for a round finishes and reports); the adapter stays. `learn` joins again."""
+        if self.phase == "training":
+            raise LearnError("busy", "local training is under way; leave when it has ended")
+        if self.phase != "enrolled":
+            raise LearnError("not_enrolled", "this node takes part in no rounds")
+        self.phase = "idle"
+        self._announce(self._retract_member())
+        log.info("event=left_rounds")
+        return self.status()
+
+    def _retract_member(self) -> list[Entry]:
         ledger = self._ledger()
         if ledger is None or self.peer_id not in self._learn_entries(MEMBER):
             return []
@@ -390,7 +405,7 @@ class LearnService:
             self._count("transfer from a node that is not the assigned teacher")
             raise RpcError(ErrorCode.UNAUTHORIZED, reason)
         if self.phase != "enrolled":
-            raise RpcError(ErrorCode.UNAVAILABLE, "this node has not enrolled (knexa-node learn --data FILE)")
+            raise RpcError(ErrorCode.UNAVAILABLE, "this node takes part in no rounds")
         if (transfer.round_no, "student") in self._acted:
             return TransferReply(accepted=True, detail="already received")
         self._acted.add((transfer.round_no, "student"))
