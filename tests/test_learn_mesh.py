@@ -260,3 +260,44 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         with pytest.raises(LearnError, match="stopping"):
             await leaving.learn.learn(Path("unused.jsonl"))
         nursery.cancel_scope.cancel()
+
+
+async def test_an_enrolled_node_rejoins_the_rounds_after_a_restart_until_it_leaves(tmp_path, tiny_model):
+    data_dir, cache = tmp_path / "node", tmp_path / "cache"
+    data = write_data(tmp_path / "d.jsonl", 0)
+
+    async def one_life(check) -> None:
+        async with running_daemon(data_dir, [], model=tiny_model, cache_dir=cache, **LEARN) as daemon:
+            await check(daemon)
+
+    async def enrol(daemon) -> None:
+        await wait_for(lambda: daemon.inference.status()["state"] == "ready", 60)
+        response = await post(daemon, "/v1/learn", {"data": str(data), "wait": True})
+        assert response.status_code == 200 and response.json()["phase"] == "enrolled", response.text
+        enrolled["accuracy"] = response.json()["accuracy"]
+
+    async def rejoined(daemon) -> None:  # no `learn` call: the saved adapter, evaluated again, no training
+        await wait_for(lambda: daemon.learn.phase == "enrolled", 60)
+        status = daemon.learn.status()
+        assert status["local_training"] is None and status["accuracy"] == enrolled["accuracy"]
+        assert daemon.peer_id in daemon.ledger.learn_entries("member")
+        left = await knexa_node(daemon, "learn", "--leave")
+        assert left.returncode == 0, left.stderr
+
+    async def stays_out(daemon) -> None:
+        await wait_for(lambda: daemon.inference.status()["state"] == "ready", 60)
+        await trio.sleep(3 * LEARN["learn_round_interval_s"])
+        assert daemon.learn.phase == "idle" and daemon.peer_id not in daemon.ledger.learn_entries("member")
+
+    async def data_gone(daemon) -> None:  # the node serves on and says why it is not taking part
+        await wait_for(lambda: daemon.learn.last_error is not None, 60)
+        assert "could not rejoin" in daemon.learn.last_error and daemon.learn.phase == "idle"
+        assert daemon.inference.status()["state"] == "ready"
+
+    enrolled: dict = {}
+    await one_life(enrol)
+    await one_life(rejoined)
+    await one_life(stays_out)
+    await one_life(enrol)
+    data.unlink()
+    await one_life(data_gone)

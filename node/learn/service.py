@@ -16,7 +16,9 @@ dead matchmaker holds the mesh up by at most that long.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("knexa.learn")
 
 LIVE_ADAPTER = "learned"
+ENROLMENT_FILE = "learning.json"  # in the data dir: the data file of the node's last `learn`, until it leaves
 MEMBER, STATE, REWARD = "member", "state", "reward"
 TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
@@ -114,6 +117,7 @@ class LearnService:
         self.rpc, self.key_pair, self.peer_id = rpc, key_pair, peer_id
         self._engine, self._ledger, self._announce = engine, ledger, announce
         self.adapter_dir = data_dir / "adapters" / LIVE_ADAPTER
+        self.enrolment_file = data_dir / ENROLMENT_FILE
         self._on_skills = on_skills
         self.settings = settings or LearnSettings()
         self.train: list[tasks.Example] = []
@@ -142,6 +146,8 @@ class LearnService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            if self.enrolment_file.is_file():
+                nursery.start_soon(self._rejoin)
             while True:
                 await trio.sleep(self.settings.tick_s)
                 try:
@@ -173,11 +179,11 @@ class LearnService:
         """`learn` in the background: the data file is checked now, training runs on."""
         examples = await self._read(data_file)
         assert self._nursery is not None
-        self._nursery.start_soon(self._learn_logged, examples)
+        self._nursery.start_soon(self._learn_logged, examples, data_file)
 
-    async def _learn_logged(self, examples: list[tasks.Example]) -> None:
+    async def _learn_logged(self, examples: list[tasks.Example], data_file: Path) -> None:
         try:
-            await self._learn(examples)
+            await self._learn(examples, data_file)
         except Exception as exc:  # reported in status; the daemon goes on serving
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning('event=learn_failed reason="%s"', self.last_error)
@@ -185,9 +191,25 @@ class LearnService:
     async def learn(self, data_file: Path) -> dict[str, Any]:
         """Train the live adapter on the user's private data (kept only if it validates better than before),
         then take part in distillation rounds."""
-        return await self._learn(await self._read(data_file))
+        return await self._learn(await self._read(data_file), data_file)
 
-    async def _learn(self, examples: list[tasks.Example]) -> dict[str, Any]:
+    async def _rejoin(self) -> None:
+        """After a restart, a node that had enrolled (and not left) takes part again: its saved adapter is
+        evaluated on the same data file, without training locally again."""
+        try:
+            data_file = Path(json.loads(self.enrolment_file.read_text())["data"])
+            while (state := self._engine().status()["state"]) != "ready":  # the model loads after the start
+                if state == "down":
+                    raise LearnError("unavailable", "the engine is down")
+                await trio.sleep(self.settings.tick_s)
+            status = await self._learn(await self._read(data_file), data_file, train_locally=False)
+            log.info("event=learn_rejoined data=%s accuracy=%.3f", data_file, status["accuracy"])
+        except Exception as exc:  # e.g. the data file is gone: the node serves, and `learn` enrols it again
+            self.last_error = f"could not rejoin the rounds after the restart: {type(exc).__name__}: {exc}"
+            log.warning('event=learn_rejoin_failed reason="%s"', self.last_error)
+
+    async def _learn(self, examples: list[tasks.Example], data_file: Path, *,
+                     train_locally: bool = True) -> dict[str, Any]:
         self._check_can_train()
         self.last_error = None
         async with self._training:
@@ -202,17 +224,31 @@ class LearnService:
                           if tasks.uses_task_family(examples) else [])
                 self.val, self.shared_val = own_val + shared, len(shared)
                 self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
-                outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
-                                                     self.settings.local_steps)
-                self.local_outcome = outcome.to_dict()
+                if train_locally:
+                    outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
+                                                         self.settings.local_steps)
+                    self.local_outcome = outcome.to_dict()
                 self._on_skills(dict(self.evaluation.skills))
             finally:
                 if self.phase != "leaving":
                     self.phase = "enrolled" if self.evaluation is not None else "idle"
+        self._remember_enrolment(data_file)
         self._write_member()
-        log.info("event=learned examples=%d accuracy=%.3f swapped=%s", len(examples),
-                 self.evaluation.accuracy, self.local_outcome["swapped"])
+        log.info("event=learned examples=%d accuracy=%.3f trained=%s swapped=%s", len(examples),
+                 self.evaluation.accuracy, train_locally, (self.local_outcome or {}).get("swapped"))
         return self.status()
+
+    def _remember_enrolment(self, data_file: Path | None) -> None:
+        """Written when the node enrols, removed when it leaves the rounds (not when it stops)."""
+        try:
+            if data_file is None:
+                self.enrolment_file.unlink(missing_ok=True)
+                return
+            scratch = self.enrolment_file.with_suffix(".tmp")
+            scratch.write_text(json.dumps({"data": str(data_file.expanduser().resolve())}))
+            os.replace(scratch, self.enrolment_file)
+        except OSError as exc:  # the node takes part all the same; only a restart forgets it
+            log.warning('event=enrolment_not_saved reason="%s"', exc)
 
     async def _restore_adapter(self, engine: Engine) -> None:
         if LIVE_ADAPTER in engine.adapters():
@@ -263,6 +299,7 @@ class LearnService:
             raise LearnError("not_enrolled", "this node takes part in no rounds")
         self.phase = "idle"
         self._announce(self._retract_member())
+        self._remember_enrolment(None)
         log.info("event=left_rounds")
         return self.status()
 
