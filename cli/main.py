@@ -356,14 +356,17 @@ def learn(
     token: Token = None,
     json_: Json = False,
 ) -> None:
-    """Train this node's LoRA adapter on private data, then take part in distillation rounds with peers."""
+    """Train this node's LoRA adapter on private data, then take part in distillation rounds with peers
+    (with neither --data nor --leave: where learning stands)."""
     from knexa.cli.learn import learn_body, print_learn
 
-    if leave == (data is not None):
-        fail("give either --data FILE (learn and join the rounds) or --leave", code=2)
+    if leave and data is not None:
+        fail("give either --data FILE (learn and join the rounds) or --leave, not both", code=2)
     client = _client(data_dir, config, api, token)
     if leave:
         result = _call(client, "DELETE", "/v1/learn", 60.0)
+    elif data is None:
+        result = _get(client, "/v1/learn")
     else:
         result = _post(client, "/v1/learn", learn_body(data, wait), timeout_s=3600.0 if wait else 60.0)
     if json_:

@@ -237,8 +237,10 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         assert quitter.learn.phase == "idle" and quitter.peer_id not in watcher.ledger.learn_entries("member")
         again = await knexa_node(quitter, "learn", "--leave")
         assert again.returncode == 1 and "takes part in no rounds" in again.stderr
-        neither = await knexa_node(quitter, "learn")
-        assert neither.returncode == 2 and "--data FILE" in neither.stderr and "Traceback" not in neither.stderr
+        both = await knexa_node(quitter, "learn", "--leave", "--data", "x.jsonl")
+        assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr
+        shown = await knexa_node(quitter, "learn")  # neither: where learning stands
+        assert shown.returncode == 0 and "phase: idle" in shown.stdout and "validation accuracy" in shown.stdout
         rounds = await knexa_node(watcher, "rounds", "--explain")
         assert rounds.returncode == 0 and "distillation rounds" in rounds.stdout and "LinUCB scores" in rounds.stdout
         answer = await quitter.inference.require_engine().generate(GenerationRequest(
