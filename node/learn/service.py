@@ -202,6 +202,8 @@ class LearnService:
                 if state == "down":
                     raise LearnError("unavailable", "the engine is down")
                 await trio.sleep(self.settings.tick_s)
+            if self.evaluation is not None or self._training.locked():
+                return  # the user ran `learn` meanwhile
             status = await self._learn(await self._read(data_file), data_file, train_locally=False)
             log.info("event=learn_rejoined data=%s accuracy=%.3f", data_file, status["accuracy"])
         except Exception as exc:  # e.g. the data file is gone: the node serves, and `learn` enrols it again
