@@ -302,6 +302,14 @@ async def test_verification_catches_a_cheater_and_never_flags_honest_nodes(tmp_p
                     assert exc.code == ErrorCode.OVERLOADED, exc
                     await trio.sleep(retry_after_of(exc.message) or 0.1)
 
+        # Other weights under the same name, honestly declared (its fingerprint: weights, tokenizer, dtype):
+        # not checked, so never flagged for answering as its own model does.
+        assert verifier.collab.own_fingerprint() != cheater.collab.own_fingerprint()
+        for i in range(3):
+            await ask(cheater, [{"role": "user", "content": f"question {i}"}])
+        assert cheater.peer_id not in verifier.collab.tallies and verifier.collab.verify_counters.checks == 0
+        # The cheater now claims the verifier's model while it runs its own (a real one would patch its code).
+        cheater.collab.own_fingerprint = verifier.collab.own_fingerprint
         for i in range(25):
             for peer in (honest_a, honest_b):
                 await ask(peer, [{"role": "user", "content": f"question {i}: tell me about {peer.peer_id[-4:]}"}])

@@ -18,7 +18,7 @@ from knexa.node.collab.moa import (
     rank_peers,
     select_peers,
 )
-from knexa.node.collab.verify import PeerTally, VerifyPolicy, judge, should_check
+from knexa.node.collab.verify import PeerTally, VerifyPolicy, judge, model_fingerprint, should_check
 from knexa.node.collab.vote import (
     Ballot,
     Bid,
@@ -266,6 +266,14 @@ def test_choose_executors_by_score_then_load():
 
 
 # -- verification --------------------------------------------------------------------------------
+
+
+def test_the_fingerprint_tells_weights_tokenizer_and_dtype_apart():
+    identity = {"name": "m", "weights_sha256": "a" * 64, "tokenizer_sha256": "b" * 64, "dtype": "float32"}
+    same = model_fingerprint(identity)
+    assert model_fingerprint({**identity, "name": "renamed"}) == same
+    for field, value in (("weights_sha256", "c" * 64), ("tokenizer_sha256", "c" * 64), ("dtype", "bfloat16")):
+        assert model_fingerprint({**identity, field: value}) != same
 
 
 def test_should_check_only_own_model_and_the_fraction():

@@ -35,7 +35,7 @@ from knexa.node.collab.moa import (
     rank_peers,
     select_peers,
 )
-from knexa.node.collab.verify import PeerTally, Verdict, VerifyPolicy, judge, should_check
+from knexa.node.collab.verify import PeerTally, Verdict, VerifyPolicy, judge, model_fingerprint, should_check
 from knexa.node.collab.vote import Ballot, Bid, choose_executors, cosine, final_answer, weighted_vote
 from knexa.node.collab.wire import (
     METHOD_BID,
@@ -143,12 +143,19 @@ class CollabService:
                 log.warning('event=verify_error peer=%s reason="%s"', job.peer_id, exc)
 
     # -- what this node is -------------------------------------------------------------------------
-    def own_model(self) -> str | None:
+    def _own_identity(self) -> dict[str, Any] | None:
         if self.inference is None:
             return None
         status = self.inference.status()
-        model = status.get("model")
-        return model["name"] if model and status.get("state") == "ready" else None
+        return status.get("model") if status.get("state") == "ready" else None
+
+    def own_model(self) -> str | None:
+        identity = self._own_identity()
+        return identity["name"] if identity else None
+
+    def own_fingerprint(self) -> str | None:
+        identity = self._own_identity()
+        return model_fingerprint(identity) if identity else None
 
     def stats(self) -> dict[str, Any]:
         v = self.verify_counters
@@ -199,6 +206,7 @@ class CollabService:
             self.admission.job_done(service_time)
         return ProposeReply(
             text=result.text, token_ids=list(result.token_ids), model=self.own_model() or "",
+            model_fingerprint=self.own_fingerprint() or "",
             finish_reason=result.finish_reason, queue_time_s=started - admitted_at, service_time_s=service_time,
         )
 
@@ -263,7 +271,7 @@ class CollabService:
         reply = await self.rpc.call(
             PeerID.from_base58(peer_id), METHOD_PROPOSE, call, timeout=timeout_s, response_model=ProposeReply
         )
-        if should_check(self.settings.verify, self.rng, self.own_model(), reply.model):
+        if should_check(self.settings.verify, self.rng, self.own_fingerprint(), reply.model_fingerprint):
             try:
                 self._verify_send.send_nowait(_VerifyJob(peer_id, messages, params, reply))
             except trio.WouldBlock:
@@ -443,7 +451,7 @@ class CollabService:
         """Re-score a peer's answer with the local model; None when the check could not run (not a failure)."""
         from knexa.node.engine import ContextLengthExceeded, EngineError, InvalidRequest
 
-        if self.inference is None or self.own_model() != reply.model:
+        if self.inference is None or self.own_fingerprint() != reply.model_fingerprint:
             self.verify_counters.skipped += 1
             return None
         engine = self.inference.require_engine()

@@ -10,8 +10,9 @@ replaces the N sequential decode steps the peer ran, so a check costs a fraction
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,17 @@ class VerifyPolicy:
             raise ValueError("verify fraction must be in [0, 1]")
 
 
+def model_fingerprint(identity: Mapping[str, Any]) -> str:
+    """What two nodes must share for one to check the other's tokens: the weights, the tokenizer and the dtype
+    they run in (from the engine's ModelIdentity). A name says none of these: a fine-tuned copy keeps it,
+    and two CPUs may pick different dtypes for the same model."""
+    return f"{identity['weights_sha256'][:16]}-{identity['tokenizer_sha256'][:16]}-{identity['dtype']}"
+
+
 def should_check(policy: VerifyPolicy, rng: random.Random, own_model: str | None, claimed_model: str) -> bool:
-    """Check only answers from a model this node also serves, and then a `fraction` of them."""
-    if own_model is None or own_model != claimed_model or policy.fraction <= 0:
+    """Check only answers from a model this node also serves (same fingerprint: weights, tokenizer, dtype),
+    and then a `fraction` of them."""
+    if not own_model or own_model != claimed_model or policy.fraction <= 0:
         return False
     return policy.fraction >= 1 or rng.random() < policy.fraction
 

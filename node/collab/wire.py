@@ -35,6 +35,8 @@ class ProposeReply(BaseModel):
     text: str = Field(max_length=MAX_TEXT_CHARS)
     token_ids: list[int] = Field(max_length=8192)
     model: str = Field(max_length=256)
+    # Weights, tokenizer and dtype (ModelIdentity.fingerprint): what verification matches, not the name.
+    model_fingerprint: str = Field("", max_length=128)
     finish_reason: str = Field(max_length=32)
     queue_time_s: float
     service_time_s: float
