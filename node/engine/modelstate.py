@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,9 @@ def load_model_state(config: EngineConfig, reuse_identity: ModelIdentity | None 
     return state
 
 
+CHOICE_LOCK_TIMEOUT_S = 300.0
+
+
 def _measured_cpu_choice(model: Any, folder: Path, config: EngineConfig) -> Any:
     """float32 or bfloat16, whichever decodes faster here. Measuring takes seconds (bf16 kernels are set up
     on first use), so the answer is remembered per model folder, CPU, thread count and torch version."""
@@ -134,24 +140,53 @@ def _measured_cpu_choice(model: Any, folder: Path, config: EngineConfig) -> Any:
         [str(folder.resolve()), str(weights), platform.processor() or platform.machine(), _cpu_model(),
          str(torch.get_num_threads()), torch.__version__]
     )
+    # Engines that start together (a testnet's daemons share this folder) measure one at a time, so the
+    # first one's choice is every later one's: timings taken side by side disagree, and so would the dtypes.
+    with _exclusive(choices_file.with_suffix(".lock"), CHOICE_LOCK_TIMEOUT_S):
+        try:
+            choices = json.loads(choices_file.read_text())
+        except (OSError, ValueError):
+            choices = {}
+        if choices.get(key) == "float32":
+            return model
+        if choices.get(key) == "bfloat16":
+            return model.to(torch.bfloat16)
+        chosen = faster_on_cpu(model)
+        choices[key] = dtype_name(chosen.dtype)
+        try:
+            scratch = choices_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            scratch.write_text(json.dumps(choices, indent=1))
+            os.replace(scratch, choices_file)
+        except OSError:
+            pass  # not remembering only costs the measurement again next time
+        return chosen
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, timeout_s: float) -> Iterator[None]:
+    """An advisory lock across processes (and threads: each takes its own open file). If it cannot be had
+    in time (or at all, e.g. a read-only folder), the caller goes on without it."""
     try:
-        choices = json.loads(choices_file.read_text())
-    except (OSError, ValueError):
-        choices = {}
-    if choices.get(key) == "float32":
-        return model
-    if choices.get(key) == "bfloat16":
-        return model.to(torch.bfloat16)
-    chosen = faster_on_cpu(model)
-    choices[key] = dtype_name(chosen.dtype)
-    try:
-        choices_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = choices_file.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(choices, indent=1))
-        os.replace(scratch, choices_file)
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_file.open("a")
     except OSError:
-        pass  # not remembering only costs the measurement again next time
-    return chosen
+        yield
+        return
+    with handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield
+                    return
+                time.sleep(0.1)  # on the engine's worker thread, never the event loop
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cpu_model() -> str:
