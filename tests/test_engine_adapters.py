@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,26 +102,75 @@ async def test_adapter_errors_are_clear(
         assert (await engine.generate(greedy(PROMPT, adapter="a"))).adapter == "a"
 
 
+async def test_a_corrupt_or_mismatched_adapter_is_refused_before_it_touches_the_model(
+    tiny_llama_dir: Path, tiny_lora_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    truncated, other_rank = tmp_path / "truncated", tmp_path / "other-rank"
+    for folder in (truncated, other_rank):
+        shutil.copytree(tiny_lora_dirs[0], folder)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a save cut short
+    config = json.loads((other_rank / "adapter_config.json").read_text())
+    (other_rank / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] // 2}))
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        base = await engine.generate(greedy(PROMPT))
+        # Once with the bare model, once with peft wrapping it: refused, never a crash and reload.
+        for loaded in ([], ["a"]):
+            with pytest.raises(AdapterError, match="cannot read"):
+                await engine.load_adapter("t", truncated)
+            with pytest.raises(AdapterError, match="does not fit"):
+                await engine.load_adapter("r", other_rank)
+            assert engine.status()["state"] == "ready" and engine.adapters() == loaded
+            assert not engine._worker._crashes
+            adapters = engine._worker.model.adapters
+            if loaded:  # nothing of the refused ones was added beside it
+                assert set(adapters.model.peft_config) == {"a"}
+            else:  # peft never touched the model
+                assert not any("lora_" in name for name, _ in adapters.base_model.named_modules())
+            assert (await engine.generate(greedy(PROMPT))).token_ids == base.token_ids
+            if not loaded:
+                await engine.load_adapter("a", tiny_lora_dirs[0])
+
+
+async def crash_during_a_request(engine: Engine, adapter: str) -> None:
+    """A model failure in the middle of a running request; returns once the engine is ready again."""
+    started = trio.Event()
+    failures: list[Exception] = []
+
+    async def long_run() -> None:
+        try:
+            async with engine.stream(greedy(PROMPT, max_new_tokens=150, adapter=adapter)) as events:
+                async for _ in events:
+                    started.set()
+        except Exception as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_run)
+        await started.wait()
+        engine.inject_fault()
+    assert failures and getattr(failures[0], "code", None) == "engine_crashed"
+    await engine.wait_ready(30)
+
+
 async def test_adapters_survive_a_crash_recovery(tiny_llama_dir: Path, tiny_lora_dirs: tuple[Path, Path]) -> None:
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
         await engine.load_adapter("a", tiny_lora_dirs[0])
         before = await engine.generate(greedy(PROMPT, adapter="a"))
-        started = trio.Event()
-        failures: list[Exception] = []
-
-        async def long_run() -> None:
-            try:
-                async with engine.stream(greedy(PROMPT, max_new_tokens=150, adapter="a")) as events:
-                    async for _ in events:
-                        started.set()
-            except Exception as exc:
-                failures.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(long_run)
-            await started.wait()
-            engine.inject_fault()
-        assert failures and getattr(failures[0], "code", None) == "engine_crashed"
-        await engine.wait_ready(30)
+        await crash_during_a_request(engine, "a")
         assert engine.adapters() == ["a"]
+        assert (await engine.generate(greedy(PROMPT, adapter="a"))).token_ids == before.token_ids
+
+
+async def test_a_recovery_takes_an_adapter_whose_folder_broke_from_memory(
+    tiny_llama_dir: Path, tiny_lora_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(tiny_lora_dirs[0], tmp_path / "a")
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.load_adapter("a", tmp_path / "a")
+        await engine.load_adapter("b", tiny_lora_dirs[1])
+        before = await engine.generate(greedy(PROMPT, adapter="a"))
+        (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"overwritten")
+        await crash_during_a_request(engine, "b")  # the reload reads every adapter's folder again
+        assert engine.status()["state"] == "ready" and engine.adapters() == ["a", "b"]
         assert (await engine.generate(greedy(PROMPT, adapter="a"))).token_ids == before.token_ids

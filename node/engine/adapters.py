@@ -15,6 +15,50 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+def check_adapter_weights(folder: Path, config: Any, base_model: Any) -> None:
+    """Read the adapter's weights and match their shapes to the model before peft touches it: peft injects
+    its layers first and fails after, leaving them behind; and a truncated file is the folder's fault
+    (AdapterError), not a model failure (which makes the engine reload its weights)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterError(f"{folder} holds no adapter_model.safetensors")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors' own error type, or OSError
+        raise AdapterError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    modules = dict(base_model.named_modules())
+    ranks: dict[str, int] = {}
+    # With a rank pattern, ranks differ per module; then they only have to agree between A and B.
+    config_rank = None if getattr(config, "rank_pattern", None) else config.r
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        module = modules.get(match["module"])
+        if module is None or tensor.dim() != 2:
+            raise AdapterError(f"{path} does not fit this model: {key}")
+        in_features, out_features = _features(module)
+        if match["part"] == "A":  # (rank, in)
+            rank, features, expected = tensor.shape[0], tensor.shape[1], in_features
+        else:  # (out, rank)
+            rank, features, expected = tensor.shape[1], tensor.shape[0], out_features
+        if features != expected or ranks.setdefault(match["module"], rank) != rank or rank != (config_rank or rank):
+            raise AdapterError(f"{path} does not fit this model: {key} has shape {tuple(tensor.shape)} "
+                               f"(its config says rank {config.r})")
+
+
+def _features(module: Any) -> tuple[int, int]:
+    if hasattr(module, "in_features"):  # nn.Linear
+        return module.in_features, module.out_features
+    weight = module.weight  # GPT-2's Conv1D stores (in, out)
+    return weight.shape[0], weight.shape[1]
+
+
 class AdapterSet:
     """The base model plus loaded adapters. peft wraps the base model on the first load and is removed
     again (without merging) when the last adapter is unloaded, so base-only serving pays nothing."""
@@ -49,6 +93,7 @@ class AdapterSet:
             raise AdapterError(f"{folder} is not a peft adapter folder: {exc}") from exc
         if not isinstance(config, LoraConfig):
             raise AdapterError(f"only LoRA adapters can be served per request, {folder} is {config.peft_type}")
+        check_adapter_weights(folder, config, self.base_model)
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=adapter_id)

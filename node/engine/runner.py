@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -45,6 +46,8 @@ from .training import (
     row_losses,
     weighted_loss,
 )
+
+log = logging.getLogger("knexa.engine")
 
 CRASH_WINDOW_S = 60.0
 ONE_SHOTS_PER_STEP = 2
@@ -545,7 +548,10 @@ class Worker:
             if old is not None:
                 for adapter_id, folder in old.adapters.folders.items():
                     if folder is not None:
-                        self.model.adapters.load(adapter_id, folder)
+                        try:
+                            self.model.adapters.load(adapter_id, folder)
+                        except AdapterError as adapter_exc:  # its folder changed meanwhile: take it from memory
+                            self._restore_from(old, adapter_id, adapter_exc)
                     elif adapter_id in kept:
                         self.model.adapters.restore(adapter_id, *kept[adapter_id])
                 self.model.adapter_ids = tuple(self.model.adapters.ids())
@@ -553,6 +559,16 @@ class Worker:
             self._set_state("ready")
         except Exception as reload_exc:
             self._go_down(f"reload after a crash failed: {type(reload_exc).__name__}: {reload_exc}")
+
+    def _restore_from(self, old: ModelState, adapter_id: str, reason: Exception) -> None:
+        assert self.model is not None
+        try:
+            if not old.adapters.is_finite(adapter_id):
+                raise ValueError("its weights are no longer finite")
+            self.model.adapters.restore(adapter_id, *old.adapters.snapshot(adapter_id))
+            log.warning('event=adapter_restored_from_memory adapter=%s reason="%s"', adapter_id, reason)
+        except Exception as exc:  # noqa: BLE001 - that adapter is lost; the model and the others serve on
+            log.warning('event=adapter_dropped adapter=%s reason="%s; %s"', adapter_id, reason, exc)
 
     def _fail_in_flight(self, error: EngineError) -> None:
         failing = [row.job for row in self.rows] + [row.job for row, _ in self._joining] + self._taken
