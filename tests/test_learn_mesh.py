@@ -303,3 +303,12 @@ async def test_an_enrolled_node_rejoins_the_rounds_after_a_restart_until_it_leav
     await one_life(enrol)
     data.unlink()
     await one_life(data_gone)
+    # A saved adapter that cannot be read (a save cut short) is moved aside, and learning starts afresh.
+    saved = data_dir / "adapters" / "learned"
+    saved.mkdir(parents=True, exist_ok=True)
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}))
+    (saved / "adapter_model.safetensors").write_bytes(b"cut short")
+    write_data(data, 0)
+    await one_life(enrol)
+    assert [p.name.split("-")[0] for p in (data_dir / "adapters").iterdir() if p.name != "learned"] == [
+        "learned.unreadable"]

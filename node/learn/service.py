@@ -30,6 +30,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID as PeerID
 
 from knexa.net.rpc import ErrorCode, RpcError, RpcService, sign_payload, verify_detached
+from knexa.node.engine import AdapterError
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
@@ -256,9 +257,14 @@ class LearnService:
         if LIVE_ADAPTER in engine.adapters():
             return
         if (self.adapter_dir / "adapter_config.json").is_file():
-            await engine.load_adapter(LIVE_ADAPTER, self.adapter_dir)
-        else:
-            await engine.ensure_adapter(LIVE_ADAPTER)
+            try:
+                await engine.load_adapter(LIVE_ADAPTER, self.adapter_dir)
+                return
+            except AdapterError as exc:  # e.g. a save cut short: kept aside, and learning starts afresh
+                aside = self.adapter_dir.with_name(f"{LIVE_ADAPTER}.unreadable-{int(time.time())}")
+                self.adapter_dir.rename(aside)
+                log.warning('event=adapter_unreadable moved_to=%s reason="%s"', aside, exc)
+        await engine.ensure_adapter(LIVE_ADAPTER)
 
     async def _train_and_keep(self, engine: Engine, examples: list, steps: int) -> learner.TrainOutcome:
         s = self.settings
