@@ -105,6 +105,14 @@ def test_jsonl_loader_names_the_bad_line(tmp_path: Path) -> None:
     big.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
     with pytest.raises(tasks.DataError, match="over the limit"):
         tasks.load_jsonl(big, max_bytes=10)
+    # Not files: a directory, and a device that never ends (read line by line it would fill the memory).
+    for not_a_file in (tmp_path, Path("/dev/zero")):
+        with pytest.raises(tasks.DataError, match="not a regular file"):
+            tasks.load_jsonl(not_a_file)
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(b'{"prompt": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(tasks.DataError, match=":1: not a JSON object"):
+        tasks.load_jsonl(not_utf8)
 
 
 def test_a_given_transfer_set_gives_prompts_only_and_a_seeded_share_each_round(tmp_path: Path) -> None:

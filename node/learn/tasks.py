@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,19 +215,24 @@ def _read_rows(path: Path, parse: Callable[[bytes, str], T], noun: str, max_byte
                ) -> list[T]:
     path = path.expanduser()
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a directory, or a device or pipe that may never end
+            raise DataError(f"{path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise DataError(f"{path} is {info.st_size} bytes, over the limit of {max_bytes}")
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)  # the file may have grown since
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    if size > max_bytes:
-        raise DataError(f"{path} is {size} bytes, over the limit of {max_bytes}")
+    if len(data) > max_bytes:
+        raise DataError(f"{path} is over the limit of {max_bytes} bytes")
     rows: list[T] = []
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            if len(rows) >= max_rows:
-                raise DataError(f"{path}: more than {max_rows} rows")
-            rows.append(parse(raw, f"{path}:{number}"))
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        if len(rows) >= max_rows:
+            raise DataError(f"{path}: more than {max_rows} rows")
+        rows.append(parse(raw, f"{path}:{number}"))
     if not rows:
         raise DataError(f"{path} holds no {noun}")
     return rows
