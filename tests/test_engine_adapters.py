@@ -110,6 +110,11 @@ async def test_a_corrupt_or_mismatched_adapter_is_refused_before_it_touches_the_
         shutil.copytree(tiny_lora_dirs[0], folder)
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a save cut short
+    bad_configs = []
+    for i, bad in enumerate(([1], {"peft_type": "NOT_A_METHOD"}, {"r": 8})):
+        bad_configs.append(tmp_path / f"config-{i}")
+        shutil.copytree(tiny_lora_dirs[0], bad_configs[-1])
+        (bad_configs[-1] / "adapter_config.json").write_text(json.dumps(bad))
     config = json.loads((other_rank / "adapter_config.json").read_text())
     (other_rank / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] // 2}))
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:
@@ -120,6 +125,9 @@ async def test_a_corrupt_or_mismatched_adapter_is_refused_before_it_touches_the_
                 await engine.load_adapter("t", truncated)
             with pytest.raises(AdapterError, match="does not fit"):
                 await engine.load_adapter("r", other_rank)
+            for folder in bad_configs:
+                with pytest.raises(AdapterError, match="not a peft adapter folder"):
+                    await engine.load_adapter("c", folder)
             assert engine.status()["state"] == "ready" and engine.adapters() == loaded
             assert not engine._worker._crashes
             adapters = engine._worker.model.adapters

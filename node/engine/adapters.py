@@ -89,8 +89,8 @@ class AdapterSet:
         self._check_new_id(adapter_id)
         try:
             config = PeftConfig.from_pretrained(str(folder))
-        except (OSError, ValueError) as exc:
-            raise AdapterError(f"{folder} is not a peft adapter folder: {exc}") from exc
+        except Exception as exc:  # whatever a malformed config makes peft raise is the folder's fault
+            raise AdapterError(f"{folder} is not a peft adapter folder: {type(exc).__name__}: {exc}") from exc
         if not isinstance(config, LoraConfig):
             raise AdapterError(f"only LoRA adapters can be served per request, {folder} is {config.peft_type}")
         check_adapter_weights(folder, config, self.base_model)
@@ -99,7 +99,7 @@ class AdapterSet:
                 self._peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=adapter_id)
             else:
                 self._peft.load_adapter(str(folder), adapter_name=adapter_id)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
             raise AdapterError(f"cannot load adapter {adapter_id!r} from {folder}: {exc}") from exc
         self._peft.eval()
         self.folders[adapter_id] = folder
