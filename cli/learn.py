@@ -29,6 +29,9 @@ def print_learn(console: Any, status: dict[str, Any]) -> None:
                       f"{local['accuracy_after']:.3f} (loss {local['loss_before']:.3f} -> {local['loss_after']:.3f}): "
                       f"{'kept' if local['swapped'] else 'not better, discarded'}",
                       highlight=False)
+    if status.get("rejoined_after_restart"):
+        console.print("rejoined the rounds after a restart (saved adapter evaluated again, no local training)",
+                      highlight=False)
     role = status.get("role")
     where = f"round {status['round']}" + (f", {role['role']} ({_short(role['teacher'])} -> {_short(role['student'])})"
                                           if role else "")

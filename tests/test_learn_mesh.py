@@ -282,6 +282,9 @@ async def test_an_enrolled_node_rejoins_the_rounds_after_a_restart_until_it_leav
         await wait_for(lambda: daemon.learn.phase == "enrolled", 60)
         status = daemon.learn.status()
         assert status["local_training"] is None and status["accuracy"] == enrolled["accuracy"]
+        assert status["rejoined_after_restart"]
+        shown = await knexa_node(daemon, "learn")
+        assert "rejoined the rounds after a restart" in shown.stdout and "phase: enrolled" in shown.stdout
         assert daemon.peer_id in daemon.ledger.learn_entries("member")
         left = await knexa_node(daemon, "learn", "--leave")
         assert left.returncode == 0, left.stderr

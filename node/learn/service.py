@@ -126,6 +126,7 @@ class LearnService:
         self.shared_val = 0  # how many of val are the shared validation set's
         self.evaluation: learner.Evaluation | None = None
         self.local_outcome: dict[str, Any] | None = None
+        self.rejoined = False  # enrolled again after a restart, without local training
         self.phase = "idle"  # idle, training, enrolled, leaving
         self.log: list[RoundLog] = []
         self.rejected: dict[str, int] = {}
@@ -227,6 +228,7 @@ class LearnService:
                           if tasks.uses_task_family(examples) else [])
                 self.val, self.shared_val = own_val + shared, len(shared)
                 self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
+                self.rejoined = not train_locally
                 if train_locally:
                     outcome = await self._train_and_keep(engine, learner.mixed_examples(self.train, [], 0.0),
                                                          self.settings.local_steps)
@@ -499,6 +501,7 @@ class LearnService:
             "accuracy": self.evaluation.accuracy if self.evaluation else None,
             "skills": dict(self.evaluation.skills) if self.evaluation else {},
             "local_training": self.local_outcome,
+            "rejoined_after_restart": self.rejoined,
             "members": sorted(self.members()),
             "round": state.round_no if state is not None else 0,
             "role": {"role": role[0], "teacher": role[1].teacher, "student": role[1].student} if role else None,
