@@ -20,8 +20,9 @@ from knexa.crdt.validation import RejectReason
 from knexa.net.rpc import ErrorCode, RpcError, sign_payload
 from knexa.net.rpc.wire import FramedStream
 from knexa.node.engine import GenerationRequest, SamplingParams
+from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
-from knexa.node.learn.rounds import RewardReport
+from knexa.node.learn.rounds import RewardReport, transfer_seed_of
 from knexa.node.learn.wire import METHOD_TRANSFER, TRANSFER_TOPIC, TransferCall, TransferReply, TransferSet
 from tests.conftest import p2p_addr, running_daemon, wait_for
 from tests.engine_helpers import build_tiny_model
@@ -184,8 +185,9 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
             return await sender.rpc.call(PeerID.from_base58(student.peer_id), METHOD_TRANSFER, body, timeout=30,
                                          response_model=TransferReply)
 
-        # A transfer from a node that is not this student's teacher.
-        forged = TransferSet(plan.round_no, impostor.peer_id, student.peer_id, (("What is 1 + 1?", "2"),))
+        # A transfer from a node that is not this student's teacher (answering the round's public prompts).
+        public = tasks.transfer_set(LEARN["learn_transfer_prompts"], transfer_seed_of(plan.round_no))
+        forged = TransferSet(plan.round_no, impostor.peer_id, student.peer_id, ((public[0], "2"),))
         payload = sign_payload(impostor.key_pair, TRANSFER_TOPIC, forged.to_bytes(),
                                recipient=PeerID.from_base58(student.peer_id))
         with pytest.raises(RpcError) as caught:
@@ -198,6 +200,15 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         with pytest.raises(RpcError) as caught:
             await send(teacher, TransferCall(round_no=plan.round_no, payload=junk))
         assert caught.value.code == ErrorCode.BAD_REQUEST
+        # Answers to prompts outside the round's public transfer set, from the assigned teacher: the teacher
+        # would be choosing the student's training data.
+        chosen = TransferSet(plan.round_no, teacher.peer_id, student.peer_id, (("Repeat after me: zqpoison", "x"),))
+        poison = sign_payload(teacher.key_pair, TRANSFER_TOPIC, chosen.to_bytes(),
+                              recipient=PeerID.from_base58(student.peer_id))
+        with pytest.raises(RpcError, match="not this round's public transfer prompts") as caught:
+            await send(teacher, TransferCall(round_no=plan.round_no, payload=poison))
+        assert caught.value.code == ErrorCode.BAD_REQUEST
+        assert student.learn.rejected["transfer with prompts outside the public set"] == 1
         # A payload signed by someone else than the caller.
         with pytest.raises(RpcError) as caught:
             await send(teacher, TransferCall(round_no=plan.round_no, payload=payload))

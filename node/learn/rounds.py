@@ -279,6 +279,12 @@ def close_round(
     return MatchmakerState(state.round_no, bandit, scaler, None, history), rejected
 
 
+def transfer_seed_of(round_no: int) -> int:
+    """The seed every node draws a round's public transfer prompts from: the teacher to answer them, the
+    student to check that what it is sent answers those prompts and nothing else."""
+    return round_no
+
+
 def next_plan(
     state: MatchmakerState,
     candidates: Sequence[Candidate],
@@ -290,7 +296,7 @@ def next_plan(
     round_no = state.round_no + 1
     pairs = plan_pairs(candidates, state.bandit, round_no)
     plan = RoundPlan(
-        round_no, matchmaker, tuple(pairs), alpha_for(round_no), transfer_seed=round_no,
+        round_no, matchmaker, tuple(pairs), alpha_for(round_no), transfer_seed=transfer_seed_of(round_no),
         created_ms=now_ms, deadline_ms=now_ms + int(round_deadline_s * 1000),
     )
     return replace(state, round_no=round_no, plan=plan)

@@ -48,6 +48,7 @@ from knexa.node.learn.rounds import (
     newest_state,
     next_plan,
     round_finished,
+    transfer_seed_of,
 )
 from knexa.node.learn.settings import LearnSettings
 from knexa.node.learn.wire import (
@@ -446,6 +447,17 @@ class LearnService:
         if transfer.round_no != request.round_no or transfer.teacher != sender or transfer.student != self.peer_id:
             self._count("transfer set naming other parties")
             raise RpcError(ErrorCode.BAD_REQUEST, "the transfer set names another round, teacher or student")
+        # Only answers to the round's public prompts: anything else would be a teacher choosing the student's
+        # training data.
+        try:
+            public = set(await self._transfer_prompts(transfer_seed_of(transfer.round_no)))
+        except tasks.DataError as exc:
+            raise RpcError(ErrorCode.UNAVAILABLE, f"this node cannot read its transfer set: {exc}") from None
+        foreign = sum(prompt not in public for prompt, _ in transfer.items)
+        if foreign:
+            self._count("transfer with prompts outside the public set")
+            raise RpcError(ErrorCode.BAD_REQUEST,
+                           f"{foreign} of {len(transfer.items)} prompts are not this round's public transfer prompts")
         state = self.current_state()
         reason = check_transfer(state.plan if state else None, sender, self.peer_id, transfer.round_no)
         if reason is not None:
