@@ -71,10 +71,6 @@ class ApiClient:
         except httpx.TimeoutException:
             raise ApiError(f"the daemon at {self.url} did not answer within {timeout_s:.0f}s") from None
 
-    def post(self, path: str, body: dict[str, Any], timeout_s: float = 60.0) -> Any:
-        """POST JSON and return the JSON answer; ApiError with the daemon's reason on failure."""
-        return self.request("POST", path, timeout_s, body)
-
     def get(self, path: str, timeout_s: float = 5.0) -> Any:
         return self.request("GET", path, timeout_s)
 
