@@ -37,7 +37,14 @@ from knexa.node.engine import Engine, EngineConfig
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.linucb import Candidate, node_dim, profile_vector, random_pairs
-from knexa.node.learn.rounds import MatchmakerState, RewardReport, alpha_for, close_round, next_plan
+from knexa.node.learn.rounds import (
+    REWARD_SIGNALS,
+    MatchmakerState,
+    RewardReport,
+    alpha_for,
+    close_round,
+    next_plan,
+)
 
 CONDITIONS = ("local", "random", "linucb")
 REDUCED = dict(agents=4, rounds=4, per_category=80, test_per_category=12, transfer=32, teacher_tokens=24,
@@ -136,7 +143,7 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
                 rewards[a.name] = RewardReport(round_no, a.name, pair.teacher, outcome.gain,
                                                outcome.accuracy_after, outcome.swapped, outcome.loss_drop)
         if condition == "linucb":
-            state, rejected = close_round(state, rewards)
+            state, rejected = close_round(state, rewards, signal=args.reward)
             assert not rejected, rejected
         curve.append(await test_accuracy())
         # Per pair: the teacher's summed per-category lead over its student (what the matchmaker's prior
@@ -287,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--dirichlet", type=float, default=0.5)
+    parser.add_argument("--reward", default="loss_drop", choices=REWARD_SIGNALS,
+                        help="what the matchmaker learns from (the daemon's: loss_drop); it changes only the "
+                             "LinUCB condition: run --conditions linucb and merge with the same seeds' other runs")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--public-val", type=int, default=4,

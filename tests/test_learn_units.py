@@ -36,6 +36,7 @@ from knexa.node.learn.rounds import (
     matchmaker_order,
     newest_state,
     next_plan,
+    reward_signal,
     round_finished,
 )
 
@@ -396,6 +397,23 @@ def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
     again = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
     assert again.round_no == 2 and again.plan.alpha == alpha_for(2)
     assert newest_state([state, again, closed]) is again
+
+
+def test_the_kept_loss_drop_signal_credits_only_a_kept_shadow() -> None:
+    state = _planned()
+    first, second = state.plan.pairs
+    reports = {  # the same drops; only the first student kept its shadow
+        first.student: RewardReport(1, first.student, first.teacher, 0.1, 0.5, True, 0.3),
+        second.student: RewardReport(1, second.student, second.teacher, 0.0, 0.4, False, 0.5),
+    }
+    by_default = {r[0]: r[3] for r in close_round(state, reports)[0].history[-1].rewards}
+    assert by_default[second.student] > 0 > by_default[first.student]  # the larger drop wins, kept or not
+    kept_only, _ = close_round(state, reports, signal="kept_loss_drop")
+    assert {r[0]: r[3] for r in kept_only.history[-1].rewards}[first.student] > 0
+    assert {r[0]: r[2] for r in kept_only.history[-1].rewards}[second.student] == 0.5  # the drop, as measured
+    assert reward_signal(reports[second.student], "kept_loss_drop") == 0.0
+    with pytest.raises(ValueError):
+        reward_signal(reports[first.student], "accuracy")
 
 
 def test_state_round_trips_through_its_ledger_form() -> None:

@@ -242,8 +242,22 @@ def reward_rejection(plan: RoundPlan, report: RewardReport, author: str) -> str 
     return None
 
 
+# What the matchmaker learns from. "loss_drop" (the daemon's): the student's drop in validation loss, kept
+# shadow or not. "kept_loss_drop": only a kept shadow's drop counts as a gain (an experiment of the
+# distillation benchmark, `--reward`: it changes only the LinUCB condition).
+REWARD_SIGNALS = ("loss_drop", "kept_loss_drop")
+
+
+def reward_signal(report: RewardReport, signal: str = "loss_drop") -> float:
+    if signal == "kept_loss_drop" and not report.swapped:
+        return min(report.loss_drop, 0.0)
+    if signal not in REWARD_SIGNALS:
+        raise ValueError(f"unknown reward signal {signal!r}")
+    return report.loss_drop
+
+
 def close_round(
-    state: MatchmakerState, rewards: Mapping[str, RewardReport]
+    state: MatchmakerState, rewards: Mapping[str, RewardReport], signal: str = "loss_drop"
 ) -> tuple[MatchmakerState, list[str]]:
     """Apply the students' rewards (keyed by the ledger author that signed them) to the bandit and record
     the round. Returns the new state and why any reward was left out."""
@@ -263,12 +277,12 @@ def close_round(
             rejected.append(f"{author}: {reason}")
     # Every student's loss falls less from round to round, whoever taught it: against its own round's mean
     # (when the round has more than one pair) a reward says how much better this pairing did than the others.
-    drops = [report.loss_drop for _, report in valid]
+    drops = [reward_signal(report, signal) for _, report in valid]
     baseline = sum(drops) / len(drops) if len(drops) >= 2 else None
     applied: list[tuple[str, float, float, float]] = []
-    for author, report in valid:
+    for (author, report), drop in zip(valid, drops, strict=True):
         pair = next(p for p in plan.pairs if p.student == author)
-        reward = scaler.z(report.loss_drop, baseline)
+        reward = scaler.z(drop, baseline)
         if reward is not None:  # else recorded with reward 0, and the bandit left as it was
             bandit.update(pair.context, reward)
         applied.append((author, report.gain, report.loss_drop, reward or 0.0))
