@@ -22,33 +22,34 @@ def check_adapter_weights(folder: Path, config: Any, base_model: Any) -> None:
     """Read the adapter's weights and match their shapes to the model before peft touches it: peft injects
     its layers first and fails after, leaving them behind; and a truncated file is the folder's fault
     (AdapterError), not a model failure (which makes the engine reload its weights)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterError(f"{folder} holds no adapter_model.safetensors")
-    try:
-        tensors = load_file(str(path), device="cpu")
+    try:  # the header only: it must cover the whole file, so a cut-short file fails here without a full read
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as exc:  # safetensors' own error type, or OSError
         raise AdapterError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     modules = dict(base_model.named_modules())
     ranks: dict[str, int] = {}
     # With a rank pattern, ranks differ per module; then they only have to agree between A and B.
     config_rank = None if getattr(config, "rank_pattern", None) else config.r
-    for key, tensor in tensors.items():
+    for key, shape in shapes.items():
         match = _LORA_KEY.match(key)
         if match is None:
             continue
         module = modules.get(match["module"])
-        if module is None or tensor.dim() != 2:
+        if module is None or len(shape) != 2:
             raise AdapterError(f"{path} does not fit this model: {key}")
         in_features, out_features = _features(module)
         if match["part"] == "A":  # (rank, in)
-            rank, features, expected = tensor.shape[0], tensor.shape[1], in_features
+            rank, features, expected = shape[0], shape[1], in_features
         else:  # (out, rank)
-            rank, features, expected = tensor.shape[1], tensor.shape[0], out_features
+            rank, features, expected = shape[1], shape[0], out_features
         if features != expected or ranks.setdefault(match["module"], rank) != rank or rank != (config_rank or rank):
-            raise AdapterError(f"{path} does not fit this model: {key} has shape {tuple(tensor.shape)} "
+            raise AdapterError(f"{path} does not fit this model: {key} has shape {shape} "
                                f"(its config says rank {config.r})")
 
 
