@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 _STATUS = {"bad_request": 400, "busy": 409, "not_enrolled": 409, "unavailable": 503}
 
 
+def _http_error(exc: LearnError) -> HTTPException:
+    return HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}")
+
+
 class LearnRequest(BaseModel):
     data: str = Field(min_length=1, max_length=4096, description="a JSONL file of prompt/answer pairs on this host")
     wait: bool = Field(False, description="answer when local training is done (else at once)")
@@ -38,7 +42,7 @@ def add_learn_routes(router: APIRouter, daemon: Daemon) -> None:
                 return await learn.learn(path)
             await learn.start_learning(path)
         except LearnError as exc:
-            raise HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}") from None
+            raise _http_error(exc) from None
         return {**learn.status(), "started": True}
 
     @router.delete("/v1/learn")
@@ -47,7 +51,7 @@ def add_learn_routes(router: APIRouter, daemon: Daemon) -> None:
         try:
             return service().leave_rounds()
         except LearnError as exc:
-            raise HTTPException(_STATUS.get(exc.code, 500), f"{exc.code}: {exc}") from None
+            raise _http_error(exc) from None
 
     @router.get("/v1/learn")
     async def learn_status() -> Any:
