@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
-import json
 import logging
 import os
 import secrets
@@ -44,7 +43,7 @@ from knexa.node.errors import find_exception
 from knexa.node.ledger_service import LedgerService
 from knexa.node.ledger_view import entry_view, profile_summary
 from knexa.node.metrics import NodeMetrics
-from knexa.node.paths import LOCK_FILE, STATE_FILE, TOKEN_FILE
+from knexa.node.paths import LOCK_FILE, STATE_FILE, TOKEN_FILE, write_json_atomically
 
 if TYPE_CHECKING:
     from knexa.node.inference import InferenceService
@@ -437,10 +436,7 @@ class Daemon:
             "api": self.api_url,
             "listen_addrs": [str(a) for a in dialable_addrs(self.host)],
         }
-        path = self.config.data_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(path)
+        write_json_atomically(self.config.data_dir / STATE_FILE, state)
 
 
 def _dht_server(config: NodeConfig) -> bool:

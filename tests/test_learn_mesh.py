@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 import trio
 from libp2p.peer.id import ID as PeerID
 
+from knexa.crdt.ledger import Ledger
 from knexa.crdt.namespace import learn_key
 from knexa.crdt.validation import RejectReason
 from knexa.net.rpc import ErrorCode, RpcError, sign_payload
@@ -22,9 +24,10 @@ from knexa.net.rpc.wire import FramedStream
 from knexa.node.engine import GenerationRequest, SamplingParams
 from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
-from knexa.node.learn.rounds import RewardReport, transfer_seed_of
+from knexa.node.learn.rounds import MatchmakerState, RewardReport, next_plan, transfer_seed_of
 from knexa.node.learn.wire import METHOD_TRANSFER, TRANSFER_TOPIC, TransferCall, TransferReply, TransferSet
 from tests.conftest import p2p_addr, running_daemon, wait_for
+from tests.crdt_helpers import KEY_PAIRS
 from tests.engine_helpers import build_tiny_model
 
 LEARN = dict(
@@ -221,6 +224,19 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         stolen = dataclasses.replace(entry, key=learn_key(student.peer_id, "reward"))
         result = daemons[0].ledger.merge([stolen])
         assert result.rejected_by_reason == {RejectReason.WRONG_NAMESPACE: 1}
+
+        # A signed matchmaker state far ahead of the open round (near the limit, no next round could follow
+        # it), from a key of its own (a member could overwrite its one state record at its next round before
+        # every node has seen it): every node refuses it and follows the honest one.
+        liar = Ledger(KEY_PAIRS[7])
+        far = dataclasses.replace(MatchmakerState.initial(), round_no=2**62 - 1)
+        far = next_plan(far, [], liar.peer_id, int(time.time() * 1000), 25.0)
+        entry = liar.put_learn("state", far.to_dict(), None)
+        for daemon in daemons:
+            daemon.ledger.merge([entry])
+        ahead = "matchmaker state ahead of the round the members follow"
+        await wait_for(lambda: all(d.learn.rejected.get(ahead) for d in daemons), 30)
+        assert all(d.learn.current_state().round_no < 2**40 for d in daemons)
 
         # The round goes on to its end, and the node that ran it dies: another plans the next rounds.
         await wait_for(lambda: any(h["round"] == plan.round_no for h in history(daemons[0])), 90)

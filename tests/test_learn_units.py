@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import msgpack
@@ -36,8 +38,11 @@ from knexa.node.learn.rounds import (
     matchmaker_order,
     newest_state,
     next_plan,
+    plan_rejection,
+    quorum_round,
     reward_signal,
     round_finished,
+    state_rejection,
 )
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -429,6 +434,73 @@ def test_state_round_trips_through_its_ledger_form() -> None:
         MatchmakerState.from_dict(forged)
 
 
+def _state_at(round_no: int, matchmaker: str, now_ms: int = 1_000, deadline_s: float = 60) -> MatchmakerState:
+    before = dataclasses.replace(MatchmakerState.initial(), round_no=round_no - 1)
+    return next_plan(before, _candidates(4), matchmaker, now_ms=now_ms, round_deadline_s=deadline_s)
+
+
+def test_no_single_member_moves_the_rounds_more_than_one_ahead() -> None:
+    followed = {"a": 5, "b": 5, "c": 4, "liar": 10**9, "joining": 0}
+    assert quorum_round(followed, author="liar", me="a") == 5  # a majority of a, b, c follows 5
+    assert quorum_round(followed, author="a", me="b") == 5  # the liar's word counts, but is outvoted
+    assert quorum_round({"a": 5, "me": 0}, author="a", me="me") is None  # nobody else follows one: trust
+    assert quorum_round({"a": 5, "me": 0, "b": 0}, author="a", me="me") is None
+    assert quorum_round({"me": 5, "b": 0}, author="me", me="me") == 5  # this node's own view counts
+    now = 1_000_000
+    assert state_rejection(_state_at(6, "a", now), "a", followed, "b", now) is None  # the next round
+    assert state_rejection(_state_at(5, "a", now), "a", followed, "b", now) is None
+    assert "ahead" in state_rejection(_state_at(7, "liar", now), "liar", followed, "b", now)
+    assert "ahead" in state_rejection(_state_at(2**62, "liar", now), "liar", followed, "b", now)
+    assert state_rejection(_state_at(2**62, "liar", now), "liar", {"b": 0}, "b", now) is None  # a new mesh
+    future = _state_at(6, "a", now + 3_600_000)
+    assert "future" in state_rejection(future, "a", followed, "b", now)
+    assert state_rejection(future, "a", followed, "b", now + 3_600_000) is None
+
+
+def test_a_plan_cannot_choose_its_alpha_or_transfer_seed_or_end_before_it_begins() -> None:
+    plan = _state_at(3, "a").plan
+    assert plan_rejection(plan) is None
+    assert "alpha" in plan_rejection(dataclasses.replace(plan, alpha=1.0))
+    assert "transfer seed" in plan_rejection(dataclasses.replace(plan, transfer_seed=99))
+    assert "deadline" in plan_rejection(dataclasses.replace(plan, deadline_ms=plan.created_ms - 1))
+
+
+def test_a_lying_member_state_is_refused_and_the_honest_one_followed(tmp_path: Path) -> None:
+    """The service's choice of the state to follow, on real ledgers (no engine or network: the RPC registry
+    is a stand-in, as in the test below). Members follow round 3; a liar publishes states around it."""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
+
+    me, honest, other, liar = (Ledger(KEY_PAIRS[i]) for i in range(4))
+    now = int(time.time() * 1000)
+    member = {"accuracy": 0.5, "skills": {}, "round": 3}
+    me.merge([honest.put_learn("state", _state_at(3, honest.peer_id, now).to_dict(), None),
+              *(ledger.put_learn("member", member, None) for ledger in (me, honest, other)),
+              liar.put_learn("member", {**member, "round": 10**6}, None)])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
+
+    def follows_after(lie: MatchmakerState) -> MatchmakerState | None:
+        me.merge([liar.put_learn("state", lie.to_dict(), None)])
+        return service.current_state()
+
+    for _ in range(3):
+        assert follows_after(_state_at(10**6 + 1, liar.peer_id, now)).plan.matchmaker == honest.peer_id
+    assert service.rejected == {"matchmaker state ahead of the round the members follow": 1}
+    assert follows_after(_state_at(3, liar.peer_id, now + 3_600_000)).plan.matchmaker == honest.peer_id
+    assert service.rejected["matchmaker state dated in the future"] == 1
+    greedy = _state_at(4, liar.peer_id, now)
+    greedy = dataclasses.replace(greedy, plan=dataclasses.replace(greedy.plan, alpha=1.0))
+    assert follows_after(greedy).plan.matchmaker == honest.peer_id
+    assert service.rejected["plan with another alpha than its round's"] == 1
+    endless = follows_after(_state_at(4, liar.peer_id, now, deadline_s=10**7))  # one round ahead: allowed
+    assert endless.plan.matchmaker == liar.peer_id
+    assert endless.plan.deadline_ms == now + int(service.settings.round_deadline_s * 1000)  # held no longer
+
+
 def test_the_bandit_learns_from_loss_drops_and_malformed_rewards_are_refused() -> None:
     state = _planned()
     first, second = state.plan.pairs
@@ -601,3 +673,35 @@ def test_parsed_records_parse_each_version_once_and_forget_the_oldest() -> None:
     assert records.read({"a": ledger.put_learn("t", {"n": 3}, None)}) == {"a": 3}  # a 4th version: over the cap
     records.read({"a": first})  # the least recently read version was forgotten: parsed again
     assert len(calls) == 5
+
+
+async def test_a_given_transfer_file_is_read_once_a_round_and_again_when_it_changes(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """A student checks every transfer it receives against the round's public prompts; it must not read a
+    file of up to 64 MiB again for each. (No engine or network: the RPC registry is a stand-in.)"""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from knexa.node.learn.settings import LearnSettings
+    from tests.crdt_helpers import KEY_PAIRS
+
+    given = tmp_path / "transfer.jsonl"
+    given.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(10)))
+    me = Ledger(KEY_PAIRS[0])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path,
+                           settings=LearnSettings(transfer_file=str(given), transfer_prompts=4))
+    reads = []
+    real_load = tasks.load_prompts
+    monkeypatch.setattr(tasks, "load_prompts", lambda path: reads.append(path) or real_load(path))
+    first = await service._transfer_prompts(3)
+    assert len(first) == 4 and all(p.startswith("question") for p in first)
+    assert await service._transfer_prompts(3) == first and len(reads) == 1
+    await service._transfer_prompts(4)  # the next round: its own draw
+    assert len(reads) == 2
+    given.write_text("".join(json.dumps({"prompt": f"other {i}"}) + "\n" for i in range(12)))
+    assert all(p.startswith("other") for p in await service._transfer_prompts(4)) and len(reads) == 3
+    given.unlink()
+    with pytest.raises(tasks.DataError, match="cannot read"):
+        await service._transfer_prompts(4)

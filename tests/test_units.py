@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import stat
 
@@ -21,6 +22,7 @@ from knexa.net.peers import PeerConnection, PeerTable, connection_kind
 from knexa.node.config import ConfigError, load_config
 from knexa.node.errors import find_exception
 from knexa.node.kvshare.settings import KvShareSettings
+from knexa.node.paths import write_json_atomically
 
 
 def test_identity_is_created_private_and_reused(tmp_path):
@@ -39,6 +41,19 @@ def test_corrupted_identity_is_a_clear_error(tmp_path, content):
     (tmp_path / KEY_FILE).write_bytes(content)
     with pytest.raises(IdentityError, match="corrupted"):
         load_or_create_identity(tmp_path)
+
+
+def test_state_files_are_replaced_whole_and_leave_no_scratch(tmp_path):
+    target = tmp_path / "state.json"
+    write_json_atomically(target, {"a": 1})
+    write_json_atomically(target, {"b": [2]}, indent=1)
+    assert json.loads(target.read_text()) == {"b": [2]}
+    with pytest.raises(TypeError):  # a value JSON cannot hold: the old file stays as it was
+        write_json_atomically(target, {"c": object()})
+    with pytest.raises(OSError):
+        write_json_atomically(tmp_path / "missing" / "state.json", {})
+    assert json.loads(target.read_text()) == {"b": [2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
 def test_config_layers_defaults_file_flags(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from knexa.node.paths import write_json_atomically
 
 from .adapters import AdapterSet
 from .config import EMBEDDED_MODEL, EngineConfig
@@ -131,7 +132,6 @@ def _measured_cpu_choice(model: Any, folder: Path, config: EngineConfig) -> Any:
     """float32 or bfloat16, whichever decodes faster here. Measuring takes seconds (bf16 kernels are set up
     on first use), so the answer is remembered per model folder, CPU, thread count and torch version."""
     import json
-    import os
     import platform
 
     choices_file = config.models_dir / "cpu-dtype-choices.json"
@@ -154,9 +154,7 @@ def _measured_cpu_choice(model: Any, folder: Path, config: EngineConfig) -> Any:
         chosen = faster_on_cpu(model)
         choices[key] = dtype_name(chosen.dtype)
         try:
-            scratch = choices_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            scratch.write_text(json.dumps(choices, indent=1))
-            os.replace(scratch, choices_file)
+            write_json_atomically(choices_file, choices, indent=1)
         except OSError:
             pass  # not remembering only costs the measurement again next time
         return chosen

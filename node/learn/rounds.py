@@ -2,8 +2,9 @@
 students' rewards update the shared state. Pure code.
 
 The state (bandit, reward scaler, plan, history) is one signed ledger entry written by the round's
-matchmaker; the newest one anywhere in the ledger is the current state, so whichever node runs the next
-round, or takes over a round whose matchmaker died, starts from the same place.
+matchmaker; the newest one anywhere in the ledger is the current state (unless `state_rejection` refuses
+it), so whichever node runs the next round, or takes over a round whose matchmaker died, starts from the
+same place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MAX_PAIRS = 64
 MAX_GAIN = 1.0
 # A token loss beyond ~20 nats is a broken adapter; the bound only keeps forged rewards from swamping the scaler.
 MAX_LOSS_DROP = 20.0
+MAX_CLOCK_SKEW_MS = 60_000  # how far ahead of this node's clock a plan's date may be
 
 
 def matchmaker_order(round_no: int, members: Sequence[str]) -> list[str]:
@@ -218,6 +220,51 @@ def fit_state(state: MatchmakerState, max_bytes: int) -> MatchmakerState:
     while history and len(msgpack.packb(replace(state, history=history).to_dict())) > max_bytes:
         history = history[1:]
     return state if history is state.history else replace(state, history=history)
+
+
+def plan_rejection(plan: RoundPlan) -> str | None:
+    """Why a plan is not one the rounds' own rules could have made, or None. The alpha and the transfer seed
+    follow from the round number: a matchmaker that chose them could choose what students learn."""
+    if abs(plan.alpha - alpha_for(plan.round_no)) > 1e-9:
+        return "plan with another alpha than its round's"
+    if plan.transfer_seed != transfer_seed_of(plan.round_no):
+        return "plan with another transfer seed than its round's"
+    if plan.deadline_ms < plan.created_ms:
+        return "plan whose deadline comes before it was made"
+    return None
+
+
+def capped_deadline(plan: RoundPlan, max_round_s: float) -> RoundPlan:
+    """The plan with its deadline no later than max_round_s after it was made: a matchmaker may not hold
+    a round open longer than this node would."""
+    latest = plan.created_ms + int(max_round_s * 1000)
+    return plan if plan.deadline_ms <= latest else replace(plan, deadline_ms=latest)
+
+
+def quorum_round(followed: Mapping[str, int], author: str, me: str) -> int | None:
+    """The highest round that more than half of the members follow, the state's author left out (its word
+    on its own state counts for nothing) unless it is this node `me`. A member that follows no round yet
+    (0) is left out: it is joining. None when nobody follows one: the mesh is new, or all of it restarted,
+    and the newest state in the ledger is taken on trust."""
+    rounds = sorted((r for peer, r in followed.items() if (peer != author or peer == me) and r > 0), reverse=True)
+    return rounds[len(rounds) // 2] if rounds else None
+
+
+def state_rejection(state: MatchmakerState, author: str, followed: Mapping[str, int], me: str,
+                    now_ms: int) -> str | None:
+    """Why a member's state must not be followed now, or None. `followed`: the round each member follows
+    (from its member record; this node's own from memory). A state may be at most one round ahead of what
+    a majority of the other members follow, so one member cannot move the rounds ahead on its own (a round
+    number near the limit would stop them for good); nor date its plan in the future (the next round would
+    wait for that date)."""
+    if state.plan is None:
+        return "matchmaker state without a plan"
+    if state.plan.created_ms > now_ms + MAX_CLOCK_SKEW_MS:
+        return "matchmaker state dated in the future"
+    quorum = quorum_round(followed, author, me)
+    if quorum is not None and state.round_no > quorum + 1:
+        return "matchmaker state ahead of the round the members follow"
+    return None
 
 
 def newest_state(states: Iterable[MatchmakerState]) -> MatchmakerState | None:

@@ -2,9 +2,11 @@
 matchmaker that no node owns.
 
 Ledger records (kind `learn`, each signed by its author, under its own namespace):
-- `learn/<peer>/member`: the node takes part; its validation accuracy and skills (refreshed, expires);
+- `learn/<peer>/member`: the node takes part; its validation accuracy, skills and the round it follows
+  (refreshed, expires);
 - `learn/<peer>/state`: the matchmaker state (LinUCB A and b, reward scaler, the open plan, history), written by
-  whichever node ran the newest round; the newest anywhere is the current one;
+  whichever node ran the newest round; the newest anywhere, if no more than one round ahead of what most
+  members follow (`state_rejection`), is the current one;
 - `learn/<peer>/reward`: a student's measured accuracy gain and loss drop for a round.
 Every tick a node reads them: a teacher in the open plan answers the transfer set and sends it to its student
 over `learn.transfer`; the student trains a shadow adapter on its own data mixed with the answers, keeps it
@@ -18,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 from libp2p.crypto.keys import KeyPair
@@ -41,13 +42,16 @@ from knexa.node.learn.rounds import (
     MAX_LOSS_DROP,
     MatchmakerState,
     RewardReport,
+    capped_deadline,
     check_transfer,
     close_round,
     fit_state,
     matchmaker_order,
     newest_state,
     next_plan,
+    plan_rejection,
     round_finished,
+    state_rejection,
     transfer_seed_of,
 )
 from knexa.node.learn.settings import LearnSettings
@@ -59,6 +63,7 @@ from knexa.node.learn.wire import (
     TransferReply,
     TransferSet,
 )
+from knexa.node.paths import write_json_atomically
 
 if TYPE_CHECKING:
     from knexa.crdt.entry import Entry
@@ -74,6 +79,7 @@ TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
+MAX_REFUSED_STATES = 1024
 
 
 @dataclass
@@ -86,21 +92,34 @@ class RoundLog:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_member(_author: str, record: object) -> tuple[float, dict[str, float]]:
+class MemberRecord(NamedTuple):
+    accuracy: float
+    skills: dict[str, float]
+    round_no: int  # the round of the matchmaker state the member follows (0: none yet)
+
+
+def _parse_member(_author: str, record: object) -> MemberRecord:
     if not isinstance(record, dict):
         raise TypeError("a member record is a map")
     accuracy = float(record["accuracy"])
     skills = {str(k): float(v) for k, v in dict(record["skills"]).items()}
+    round_no = record.get("round", 0)  # absent in records of nodes from before it was added
     if not 0 <= accuracy <= 1:
         raise ValueError("accuracy out of range")
-    return accuracy, skills
+    if not isinstance(round_no, int) or isinstance(round_no, bool) or not 0 <= round_no < 2**62:
+        raise ValueError("round out of range")
+    return MemberRecord(accuracy, skills, round_no)
 
 
-def _parse_state(author: str, record: object) -> MatchmakerState:
+def _parse_state(author: str, record: object, max_round_s: float) -> MatchmakerState:
     state = MatchmakerState.from_dict(record)
-    if state.plan is not None and state.plan.matchmaker != author:
+    if state.plan is None:
+        return state
+    if state.plan.matchmaker != author:
         raise RecordRefused("state naming another matchmaker")
-    return state
+    if (reason := plan_rejection(state.plan)) is not None:
+        raise RecordRefused(reason)
+    return replace(state, plan=capped_deadline(state.plan, max_round_s))
 
 
 class LearnService:
@@ -133,7 +152,12 @@ class LearnService:
         self.rejected: dict[str, int] = {}
         # Read on every tick; parsed (and, if bad, counted) once per version.
         self._members = ParsedRecords(_parse_member, "bad member record", self._count)
-        self._states = ParsedRecords(_parse_state, "bad matchmaker state", self._count)
+        self._states = ParsedRecords(
+            lambda author, record: _parse_state(author, record, self.settings.round_deadline_s),
+            "bad matchmaker state", self._count)
+        self._prompts_read: tuple[tuple[int, str, int, int], list[str]] | None = None  # the last round's
+        self._followed = 0  # the round of the state this node follows, as its member record says
+        self._refused_states: set[tuple[str, int, str]] = set()  # (author, round, reason), counted once
         self._rewards = ParsedRecords(lambda _author, record: RewardReport.from_dict(record), "bad reward record",
                                       self._count)
         self.last_error: str | None = None
@@ -250,9 +274,7 @@ class LearnService:
             if data_file is None:
                 self.enrolment_file.unlink(missing_ok=True)
                 return
-            scratch = self.enrolment_file.with_suffix(".tmp")
-            scratch.write_text(json.dumps({"data": str(data_file.expanduser().resolve())}))
-            os.replace(scratch, self.enrolment_file)
+            write_json_atomically(self.enrolment_file, {"data": str(data_file.expanduser().resolve())})
         except OSError as exc:  # the node takes part all the same; only a restart forgets it
             log.warning('event=enrolment_not_saved reason="%s"', exc)
 
@@ -292,7 +314,7 @@ class LearnService:
             return
         self._member_written = time.monotonic()
         self._put(MEMBER, {"accuracy": self.evaluation.accuracy, "skills": dict(self.evaluation.skills),
-                           "examples": len(self.train) + self.own_validation},
+                           "examples": len(self.train) + self.own_validation, "round": self._followed},
                   self.settings.member_ttl_s)
 
     def leave(self) -> list[Entry]:
@@ -320,16 +342,32 @@ class LearnService:
             return []
         return [ledger.retract_learn(MEMBER, self.settings.member_ttl_s)]
 
-    def _member_records(self) -> dict[str, tuple[float, dict[str, float]]]:
+    def _member_records(self) -> dict[str, MemberRecord]:
         """Each live member's validation accuracy and skills, as it published them."""
         return self._members.read(self._learn_entries(MEMBER))
 
     def members(self) -> dict[str, Candidate]:
-        return {author: Candidate(author, profile_vector(skills, accuracy), accuracy)
-                for author, (accuracy, skills) in self._member_records().items()}
+        return {author: Candidate(author, profile_vector(m.skills, m.accuracy), m.accuracy)
+                for author, m in self._member_records().items()}
 
     def current_state(self) -> MatchmakerState | None:
-        return newest_state(self._states.read(self._learn_entries(STATE)).values())
+        """The newest matchmaker state in the ledger that this node may follow (see `state_rejection`)."""
+        followed = {author: m.round_no for author, m in self._member_records().items()}
+        if self._followed:
+            followed[self.peer_id] = self._followed
+        now_ms = int(time.time() * 1000)
+        usable = []
+        for author, state in self._states.read(self._learn_entries(STATE)).items():
+            reason = state_rejection(state, author, followed, self.peer_id, now_ms)
+            if reason is None:
+                usable.append(state)
+            elif (author, state.round_no, reason) not in self._refused_states:
+                if len(self._refused_states) >= MAX_REFUSED_STATES:
+                    self._refused_states.clear()
+                self._refused_states.add((author, state.round_no, reason))
+                self._count(reason)
+                log.warning('event=state_refused author=%s round=%d reason="%s"', author, state.round_no, reason)
+        return newest_state(usable)
 
     def rewards(self) -> dict[str, RewardReport]:
         return self._rewards.read(self._learn_entries(REWARD))
@@ -353,6 +391,9 @@ class LearnService:
             self._write_member()
         state = self.current_state()
         plan = state.plan if state is not None else None
+        if (state.round_no if state is not None else 0) != self._followed:  # the quorum counts it at once
+            self._followed = state.round_no if state is not None else 0
+            self._write_member()
         if state is not None:  # what this node did in rounds before the open one no longer matters
             self._acted = {done for done in self._acted if done[0] >= state.round_no}
             self._finished_seen = {r: t for r, t in self._finished_seen.items() if r > state.round_no}
@@ -398,9 +439,17 @@ class LearnService:
         s = self.settings
         if not s.transfer_file:
             return tasks.transfer_set(s.transfer_prompts, seed)
-        # Read anew each round (the user may replace the file), off the trio loop: up to 64 MiB.
-        given = await trio.to_thread.run_sync(tasks.load_prompts, Path(s.transfer_file))
-        return tasks.sample_prompts(given, s.transfer_prompts, seed)
+        # Read again when the file changes (the user may replace it), off the trio loop: up to 64 MiB.
+        path = Path(s.transfer_file)
+        try:
+            found = await trio.to_thread.run_sync(path.stat)
+        except OSError as exc:
+            raise tasks.DataError(f"cannot read {path}: {exc.strerror}") from None
+        key = (seed, str(path), found.st_mtime_ns, found.st_size)
+        if self._prompts_read is None or self._prompts_read[0] != key:
+            given = await trio.to_thread.run_sync(tasks.load_prompts, path)
+            self._prompts_read = (key, tasks.sample_prompts(given, s.transfer_prompts, seed))
+        return list(self._prompts_read[1])
 
     async def _teach(self, plan: Any, student: str) -> None:
         """Answer the public transfer set with the live adapter and send it to the student."""
@@ -447,8 +496,13 @@ class LearnService:
         if transfer.round_no != request.round_no or transfer.teacher != sender or transfer.student != self.peer_id:
             self._count("transfer set naming other parties")
             raise RpcError(ErrorCode.BAD_REQUEST, "the transfer set names another round, teacher or student")
+        state = self.current_state()
+        reason = check_transfer(state.plan if state else None, sender, self.peer_id, transfer.round_no)
+        if reason is not None:
+            self._count("transfer from a node that is not the assigned teacher")
+            raise RpcError(ErrorCode.UNAUTHORIZED, reason)
         # Only answers to the round's public prompts: anything else would be a teacher choosing the student's
-        # training data.
+        # training data. (Checked after the sender, so that no other node can make this one read its file.)
         try:
             public = set(await self._transfer_prompts(transfer_seed_of(transfer.round_no)))
         except tasks.DataError as exc:
@@ -458,11 +512,6 @@ class LearnService:
             self._count("transfer with prompts outside the public set")
             raise RpcError(ErrorCode.BAD_REQUEST,
                            f"{foreign} of {len(transfer.items)} prompts are not this round's public transfer prompts")
-        state = self.current_state()
-        reason = check_transfer(state.plan if state else None, sender, self.peer_id, transfer.round_no)
-        if reason is not None:
-            self._count("transfer from a node that is not the assigned teacher")
-            raise RpcError(ErrorCode.UNAUTHORIZED, reason)
         if self.phase != "enrolled":
             raise RpcError(ErrorCode.UNAVAILABLE, "this node takes part in no rounds")
         if (transfer.round_no, "student") in self._acted:
@@ -482,7 +531,7 @@ class LearnService:
                 if teacher is None:  # its skills unknown: only answers of no known category are kept
                     self._count("transfer from a teacher with no member record")
                 own = self.evaluation.skills if self.evaluation else {}
-                answers = tasks.answers_worth_learning(transfer.items, teacher[1] if teacher else {}, own)
+                answers = tasks.answers_worth_learning(transfer.items, teacher.skills if teacher else {}, own)
                 examples = learner.mixed_examples(self.train, answers, alpha)
                 outcome = await self._train_and_keep(engine, examples, self.settings.round_steps)
                 if outcome.swapped:
