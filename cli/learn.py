@@ -36,6 +36,12 @@ def print_learn(console: Any, status: dict[str, Any]) -> None:
     where = f"round {status['round']}" + (f", {role['role']} ({_short(role['teacher'])} -> {_short(role['student'])})"
                                           if role else "")
     console.print(f"members: {len(status['members'])}  {where}", highlight=False)
+    if status.get("states_checked"):
+        console.print(f"matchmaker states checked against the rewards they learned from: {status['states_checked']}",
+                      highlight=False)
+    if status.get("rejected"):
+        console.print("refused: " + ", ".join(f"{reason} ({n})" for reason, n in sorted(status["rejected"].items())),
+                      highlight=False)
     if status.get("last_error"):
         console.print(f"last error: {status['last_error']}", highlight=False)
 

@@ -143,6 +143,9 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
         explained = daemons[1].learn.rounds_view(explain=True)["explain"]  # every pair of the 4 members, scored
         assert len(explained) == 6 and all(r["ucb"] == pytest.approx(r["mean"] + r["width"]) for r in explained)
         assert all(all(v > 0 for v in r["lead"].values()) for r in explained)
+        # Every node checked each honest state against the one it followed before, and refused none.
+        assert not [r for d in daemons for r in d.learn.rejected if r.startswith("matchmaker state")]
+        assert any(d.learn.states_checked for d in daemons)
         for daemon in daemons:
             if daemon.peer_id in students:
                 reward = RewardReport.from_dict(daemon.ledger.learn_records("reward")[daemon.peer_id])

@@ -43,6 +43,7 @@ from knexa.node.learn.rounds import (
     reward_signal,
     round_finished,
     state_rejection,
+    succession_rejection,
 )
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -457,6 +458,41 @@ def test_no_single_member_moves_the_rounds_more_than_one_ahead() -> None:
     assert state_rejection(future, "a", followed, "b", now + 3_600_000) is None
 
 
+def test_a_state_must_be_its_parent_closed_with_the_rewards_the_students_signed() -> None:
+    parent = _planned()
+    first, second = parent.plan.pairs
+    signed = {first.student: RewardReport(1, first.student, first.teacher, 0.1, 0.6, True, 0.3),
+              second.student: RewardReport(1, second.student, second.teacher, 0.0, 0.5, False, 0.1)}
+
+    def successor(rewards: dict, matchmaker: str = "peer02") -> MatchmakerState:
+        return next_plan(close_round(parent, rewards)[0], _candidates(4), matchmaker, now_ms=9_000,
+                         round_deadline_s=60)
+
+    honest = successor(signed)
+    assert succession_rejection(parent, honest, signed) is None
+    assert succession_rejection(parent, successor({first.student: signed[first.student]}), signed) is None  # late
+    inflated = {**signed, first.student: dataclasses.replace(signed[first.student], loss_drop=5.0)}
+    assert "another reward than the student signed" in succession_rejection(parent, successor(inflated), signed)
+    assert succession_rejection(parent, successor(inflated), {}) is None  # nothing held to tell
+    tampered = LinUCB.from_dict(honest.bandit.to_dict())
+    tampered.b[0] += 0.5
+    assert "bandit" in succession_rejection(parent, dataclasses.replace(honest, bandit=tampered), signed)
+    unrecorded = dataclasses.replace(honest, history=())
+    assert "does not record" in succession_rejection(parent, unrecorded, signed)
+    record = honest.history[-1]
+    swapped_pairs = tuple(dataclasses.replace(p, teacher=p.student, student=p.teacher) for p in record.pairs)
+    other_plan = dataclasses.replace(honest, history=(dataclasses.replace(record, pairs=swapped_pairs),))
+    assert "another plan" in succession_rejection(parent, other_plan, signed)
+    # Round 1 follows the initial state: a fresh bandit, no history.
+    assert succession_rejection(MatchmakerState.initial(), parent, {}) is None
+    primed = dataclasses.replace(parent, bandit=tampered)
+    assert "bandit" in succession_rejection(MatchmakerState.initial(), primed, {})
+    # Old history may give way to fit the ledger entry; the last round's record stays.
+    third = next_plan(close_round(honest, {})[0], _candidates(4), "peer03", now_ms=20_000, round_deadline_s=60)
+    assert len(third.history) == 2
+    assert succession_rejection(honest, dataclasses.replace(third, history=third.history[-1:]), {}) is None
+
+
 def test_a_plan_cannot_choose_its_alpha_or_transfer_seed_or_end_before_it_begins() -> None:
     plan = _state_at(3, "a").plan
     assert plan_rejection(plan) is None
@@ -496,8 +532,15 @@ def test_a_lying_member_state_is_refused_and_the_honest_one_followed(tmp_path: P
     greedy = dataclasses.replace(greedy, plan=dataclasses.replace(greedy.plan, alpha=1.0))
     assert follows_after(greedy).plan.matchmaker == honest.peer_id
     assert service.rejected["plan with another alpha than its round's"] == 1
-    endless = follows_after(_state_at(4, liar.peer_id, now, deadline_s=10**7))  # one round ahead: allowed
-    assert endless.plan.matchmaker == liar.peer_id
+    # The next round, planned by the liar out of turn: its state must be what closing round 3 gives.
+    closed, _ = close_round(service.current_state(), {})
+    learned = LinUCB.from_dict(closed.bandit.to_dict())
+    learned.update(closed.bandit.b * 0 + 1, 3.0)  # what no reward taught it
+    rewritten = next_plan(dataclasses.replace(closed, bandit=learned), _candidates(4), liar.peer_id, now, 60)
+    assert follows_after(rewritten).plan.matchmaker == honest.peer_id
+    assert service.rejected["matchmaker state whose bandit is not its rewards' result"] == 1
+    endless = follows_after(next_plan(closed, _candidates(4), liar.peer_id, now, 10**7))  # one ahead: allowed
+    assert endless.plan.matchmaker == liar.peer_id and endless.round_no == 4
     assert endless.plan.deadline_ms == now + int(service.settings.round_deadline_s * 1000)  # held no longer
 
 
@@ -579,6 +622,7 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
               "examples": {"train": 8, "validation": 2, "shared_validation": 16},
               "accuracy": 0.5, "skills": {"dates": 1.0}, "members": ["a", "b"], "round": 2,
               "role": {"role": "teacher", "teacher": "a", "student": "b"}, "last_error": None,
+              "states_checked": 3, "rejected": {"matchmaker state dated in the future": 1},
               "local_training": {"training": {"steps": 4, "first_loss": 3.0, "last_loss": 1.0},
                                  "accuracy_before": 0.0, "accuracy_after": 0.5, "loss_before": 2.5,
                                  "loss_after": 1.25, "swapped": True}}
@@ -590,6 +634,8 @@ def test_cli_renders_status_and_rounds_with_explanations() -> None:
     assert "dates +0.50, units +0.25" in text
     assert "loss drop +0.0312" in text and "+0.2000" in text  # this node's and the history's loss drops
     assert "validation 0.000 -> 0.500 (loss 2.500 -> 1.250): kept" in text and "2 validation (+ 16 shared)" in text
+    assert "checked against the rewards they learned from: 3" in text
+    assert "refused: matchmaker state dated in the future (1)" in text
     assert _learn_line(status) == "enrolled, validation accuracy 0.50, 2 members, round 2 (teacher)"
     assert _learn_line({**status, "phase": "idle"}).startswith("not enrolled")
 

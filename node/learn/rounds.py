@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, new_bandit, pair_dim, plan_pairs
 
@@ -214,10 +215,11 @@ class MatchmakerState:
 
 
 def fit_state(state: MatchmakerState, max_bytes: int) -> MatchmakerState:
-    """The state with its oldest history dropped until its encoding fits in max_bytes (the plan and the
-    bandit always stay: they are what the next round needs)."""
+    """The state with its oldest history dropped until its encoding fits in max_bytes (the plan, the bandit
+    and the last round's record always stay: the next round needs the first two, and the last round's
+    record is what other nodes check the bandit against, see `succession_rejection`)."""
     history = state.history
-    while history and len(msgpack.packb(replace(state, history=history).to_dict())) > max_bytes:
+    while len(history) > 1 and len(msgpack.packb(replace(state, history=history).to_dict())) > max_bytes:
         history = history[1:]
     return state if history is state.history else replace(state, history=history)
 
@@ -265,6 +267,72 @@ def state_rejection(state: MatchmakerState, author: str, followed: Mapping[str, 
     if quorum is not None and state.round_no > quorum + 1:
         return "matchmaker state ahead of the round the members follow"
     return None
+
+
+def succession_rejection(parent: MatchmakerState, child: MatchmakerState,
+                         signed: Mapping[str, RewardReport]) -> str | None:
+    """Why `child`, a state for the round after `parent`'s, is not what closing `parent`'s round with the
+    rewards it records gives, or None. `signed`: the students' reward records this node holds; a recorded
+    reward must be the student's own where this node holds the student's report for that round. A child
+    may differ from its parent only by the rewards of the parent's round and the next plan: a matchmaker
+    cannot rewrite what the bandit has learned."""
+    if child.round_no != parent.round_no + 1:
+        raise ValueError("the child's round must follow the parent's")
+    rewards: dict[str, RewardReport] = {}
+    if parent.plan is not None:
+        if not child.history or child.history[-1].round_no != parent.round_no:
+            return "matchmaker state that does not record the round before it"
+        record, plan = child.history[-1], parent.plan
+        if record.matchmaker != plan.matchmaker or _couples(record.pairs) != _couples(plan.pairs):
+            return "matchmaker state recording another plan than the one it closes"
+        teachers = {p.student: p.teacher for p in plan.pairs}
+        for student, gain, loss_drop, _ in record.rewards:
+            held = signed.get(student)
+            if student not in teachers or student in rewards:
+                return "matchmaker state recording a reward of no student of the round"
+            if held is not None and held.round_no == plan.round_no and (held.gain, held.loss_drop) != (gain, loss_drop):
+                return "matchmaker state recording another reward than the student signed"
+            rewards[student] = RewardReport(plan.round_no, student, teachers[student], gain, 0.0, False, loss_drop)
+    expected, _ = close_round(parent, rewards)
+    if not _same_learning(expected, child):
+        return "matchmaker state whose bandit is not its rewards' result"
+    return None
+
+
+def _couples(pairs: Sequence[PairChoice]) -> list[tuple[str, str]]:
+    return [(p.teacher, p.student) for p in pairs]
+
+
+def _same_learning(expected: MatchmakerState, child: MatchmakerState) -> bool:
+    """Same bandit and scaler (up to float noise), and the child's history a tail of the expected one (old
+    rounds give way to fit one ledger entry), its last record with the same rewards."""
+    a, b = expected.bandit, child.bandit
+    if (a.dim, a.lam, a.beta0, a.updates) != (b.dim, b.lam, b.beta0, b.updates):
+        return False
+    if not (np.allclose(a.A, b.A, rtol=1e-9, atol=1e-12) and np.allclose(a.b, b.b, rtol=1e-9, atol=1e-12)):
+        return False
+    x, y = expected.scaler, child.scaler
+    if x.count != y.count or not (_close(x.mean, y.mean) and _close(x.m2, y.m2)):
+        return False
+    history = child.history
+    if len(history) > len(expected.history):
+        return False
+    tail = expected.history[len(expected.history) - len(history):] if history else ()
+    return all(_same_record(mine, theirs) for mine, theirs in zip(tail, history, strict=True))
+
+
+def _close(x: float, y: float) -> bool:
+    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _same_record(mine: RoundRecord, theirs: RoundRecord) -> bool:
+    if (mine.round_no, mine.matchmaker, _couples(mine.pairs)) != (
+            theirs.round_no, theirs.matchmaker, _couples(theirs.pairs)):
+        return False
+    if len(mine.rewards) != len(theirs.rewards):
+        return False
+    return all(m[0] == t[0] and all(_close(u, v) for u, v in zip(m[1:], t[1:], strict=True))
+               for m, t in zip(mine.rewards, theirs.rewards, strict=True))
 
 
 def newest_state(states: Iterable[MatchmakerState]) -> MatchmakerState | None:

@@ -50,8 +50,10 @@ from knexa.node.learn.rounds import (
     newest_state,
     next_plan,
     plan_rejection,
+    quorum_round,
     round_finished,
     state_rejection,
+    succession_rejection,
     transfer_seed_of,
 )
 from knexa.node.learn.settings import LearnSettings
@@ -79,7 +81,7 @@ TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
-MAX_REFUSED_STATES = 1024
+MAX_REFUSED_STATES = 1024  # verdicts remembered so that each is counted once
 
 
 @dataclass
@@ -156,8 +158,12 @@ class LearnService:
             lambda author, record: _parse_state(author, record, self.settings.round_deadline_s),
             "bad matchmaker state", self._count)
         self._prompts_read: tuple[tuple[int, str, int, int], list[str]] | None = None  # the last round's
+        # The states this node followed in the last two rounds (round 0: none yet), to check the next against.
+        self._followed_states: dict[int, MatchmakerState] = {0: MatchmakerState.initial()}
         self._followed = 0  # the round of the state this node follows, as its member record says
         self._refused_states: set[tuple[str, int, str]] = set()  # (author, round, reason), counted once
+        self._checked_states: set[tuple[str, int, int]] = set()  # (author, round, created), counted once
+        self.states_checked = 0
         self._rewards = ParsedRecords(lambda _author, record: RewardReport.from_dict(record), "bad reward record",
                                       self._count)
         self.last_error: str | None = None
@@ -356,9 +362,12 @@ class LearnService:
         if self._followed:
             followed[self.peer_id] = self._followed
         now_ms = int(time.time() * 1000)
+        signed = self.rewards()
         usable = []
         for author, state in self._states.read(self._learn_entries(STATE)).items():
             reason = state_rejection(state, author, followed, self.peer_id, now_ms)
+            if reason is None:
+                reason = self._succession_rejection(state, author, signed, followed)
             if reason is None:
                 usable.append(state)
             elif (author, state.round_no, reason) not in self._refused_states:
@@ -367,7 +376,31 @@ class LearnService:
                 self._refused_states.add((author, state.round_no, reason))
                 self._count(reason)
                 log.warning('event=state_refused author=%s round=%d reason="%s"', author, state.round_no, reason)
-        return newest_state(usable)
+        chosen = newest_state(usable)
+        if chosen is not None:
+            self._followed_states[chosen.round_no] = chosen
+            for old in [r for r in self._followed_states if r < chosen.round_no - 1]:
+                del self._followed_states[old]
+        return chosen
+
+    def _succession_rejection(self, state: MatchmakerState, author: str, signed: dict[str, RewardReport],
+                              followed: dict[str, int]) -> str | None:
+        """Checked against the state of the round before, where this node followed one; a node that joined
+        later cannot check, and takes the state within the quorum's bound."""
+        parent = self._followed_states.get(state.round_no - 1)
+        if parent is None:
+            return None
+        reason = succession_rejection(parent, state, signed)
+        if reason is None and (author, state.round_no, state.created_ms) not in self._checked_states:
+            if len(self._checked_states) >= MAX_REFUSED_STATES:
+                self._checked_states.clear()
+            self._checked_states.add((author, state.round_no, state.created_ms))
+            self.states_checked += 1
+        if reason is not None:
+            others = {peer: r for peer, r in followed.items() if peer != self.peer_id}
+            if (quorum_round(others, author, self.peer_id) or 0) >= state.round_no:
+                return None  # most members follow it: the state this node followed lost a race for its round
+        return reason
 
     def rewards(self) -> dict[str, RewardReport]:
         return self._rewards.read(self._learn_entries(REWARD))
@@ -567,6 +600,7 @@ class LearnService:
             "round": state.round_no if state is not None else 0,
             "role": {"role": role[0], "teacher": role[1].teacher, "student": role[1].student} if role else None,
             "rejected": dict(self.rejected),
+            "states_checked": self.states_checked,
             "last_error": self.last_error,
         }
 
