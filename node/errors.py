@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -17,3 +18,20 @@ def find_exception(exc: BaseException, kinds: type[E] | tuple[type[E], ...]) -> 
             if found is not None:
                 return found
     return None
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` of the first exception in `exc` that is not a group (what a person needs to read),
+    and how many more came with it."""
+    leaves = list(_leaves(exc))
+    first = leaves[0] if leaves else exc
+    text = f"{type(first).__name__}: {first}"
+    return text + (f" (and {len(leaves) - 1} more)" if len(leaves) > 1 else "")
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

@@ -218,6 +218,21 @@ async def test_answer_loss_is_the_loss_training_starts_from_and_falls_as_the_sha
             nursery.cancel_scope.cancel()
 
 
+async def test_a_teacher_answers_within_its_models_context(tiny_llama_dir: Path) -> None:
+    """The brief's 256 answer tokens do not fit beside a prompt in this model's 256-token context: each
+    answer gets the room left (before, every request failed and the teacher sent nothing)."""
+    from knexa.node.learn import agent
+
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        room = engine.room_for_answer(agent.user_turn(QUESTION))
+        assert 0 < room < 256
+        too_long = "word " * 400  # fills the context alone: no answer
+        assert engine.room_for_answer(agent.user_turn(too_long)) <= 0
+        answers = await agent.teacher_answers(engine, None, [QUESTION, too_long, ANSWER], max_tokens=256, seed=1)
+        assert len(answers) == 3 and answers[1] == ""
+        assert engine.status()["requests_failed"] == 0
+
+
 async def test_requests_are_answered_while_the_shadow_trains(tiny_llama_dir: Path) -> None:
     """Structural, not timed: requests sent after training started finish while it still has steps left."""
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:

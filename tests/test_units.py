@@ -20,7 +20,7 @@ from knexa.net.identity import (
 )
 from knexa.net.peers import PeerConnection, PeerTable, connection_kind
 from knexa.node.config import ConfigError, load_config
-from knexa.node.errors import find_exception
+from knexa.node.errors import describe, find_exception
 from knexa.node.kvshare.settings import KvShareSettings
 from knexa.node.paths import write_json_atomically
 
@@ -54,6 +54,15 @@ def test_state_files_are_replaced_whole_and_leave_no_scratch(tmp_path):
         write_json_atomically(tmp_path / "missing" / "state.json", {})
     assert json.loads(target.read_text()) == {"b": [2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_an_error_is_described_by_its_first_leaf_not_its_group():
+    group = BaseExceptionGroup("Exceptions from Trio nursery", [
+        ValueError("20 prompt tokens exceed the context"),
+        BaseExceptionGroup("inner", [KeyError("x"), OSError("gone")]),
+    ])
+    assert describe(group) == "ValueError: 20 prompt tokens exceed the context (and 2 more)"
+    assert describe(OSError("gone")) == "OSError: gone"
 
 
 def test_config_layers_defaults_file_flags(tmp_path):

@@ -16,6 +16,7 @@ import trio
 from .config import EngineConfig
 from .errors import EngineClosed, EngineDown, EngineError, InvalidRequest
 from .jobs import AdapterJob, AnswerLossJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
+from .modelstate import chat_prompt_ids
 from .queue import RequestQueue
 from .requests import GenerationRequest, GenerationResult, ScoreResult, TextDelta, validate_messages
 from .runner import Worker
@@ -309,6 +310,16 @@ class Engine:
             "uptime_s": time.monotonic() - self._opened_at,
             **worker.stats.to_dict(),
         }
+
+    def room_for_answer(self, messages: Sequence[dict[str, Any]]) -> int:
+        """How many tokens the model's context leaves for an answer to this chat (at most 0 when the prompt
+        alone fills it). Tokenizes on the caller's thread: meant for short prompts."""
+        model = self._worker.model
+        if model is None:
+            raise EngineDown(self._worker.reason or "the model is not loaded")
+        validate_messages(messages)
+        prompt = chat_prompt_ids(self.tokenizer(), messages, model.identity.name)
+        return model.identity.context_length - len(prompt)
 
     def tokenizer(self) -> Any:
         """A copy of the model's tokenizer for the trio side (counting tokens, decoding ids). A copy, because

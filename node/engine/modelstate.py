@@ -24,6 +24,24 @@ from .models import load_model_and_tokenizer, resolve_model_folder
 from .requests import GenerationRequest, validate_token_ids
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], model_name: str) -> list[int]:
+    """The prompt token ids of a chat, as the engine feeds them to the model."""
+    if not tokenizer.chat_template:
+        raise InvalidMessages(f"model {model_name} has no chat template; send a raw prompt")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # template errors are jinja exceptions of many kinds
+        raise InvalidMessages(f"the chat template rejected the messages: {exc}") from exc
+    return text_prompt_ids(tokenizer, text, special=False)  # the template already placed any BOS token
+
+
+def text_prompt_ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    if not ids:
+        raise InvalidRequest("the prompt is empty after tokenization")
+    return list(ids)
+
+
 @dataclass
 class ModelState:
     folder: Path
@@ -54,19 +72,10 @@ class ModelState:
         return self.text_ids(request.prompt or "", special=True)
 
     def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise InvalidMessages(f"model {self.identity.name} has no chat template; send a raw prompt")
-        try:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # template errors are jinja exceptions of many kinds
-            raise InvalidMessages(f"the chat template rejected the messages: {exc}") from exc
-        return self.text_ids(text, special=False)  # the template already placed any BOS token
+        return chat_prompt_ids(self.tokenizer, messages, self.identity.name)
 
     def text_ids(self, text: str, special: bool) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        if not ids:
-            raise InvalidRequest("the prompt is empty after tokenization")
-        return list(ids)
+        return text_prompt_ids(self.tokenizer, text, special)
 
     def token_ids_of(self, value: str | Sequence[int], name: str, special: bool) -> list[int]:
         """Text or token ids as token ids; empty text or an empty list gives []."""

@@ -130,12 +130,16 @@ async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Examp
 async def teacher_answers(engine: Engine, adapter: str | None, prompts: Sequence[str], max_tokens: int,
                           seed: int, concurrency: int = EVAL_CONCURRENCY) -> list[str]:
     """The teacher's answers to the public transfer set, sampled as KNEXA-FL samples them."""
+    # Each answer gets what the model's context leaves, up to max_tokens (a small model's context can be
+    # shorter than the brief's 256 answer tokens); a prompt that fills it alone gets no answer.
+    budgets = [min(max_tokens, engine.room_for_answer(user_turn(p))) for p in prompts]
     requests = [
         GenerationRequest(messages=user_turn(p), adapter=adapter,
-                          params=SamplingParams(max_new_tokens=max_tokens, seed=seed + i, **TEACHER_SAMPLING))
-        for i, p in enumerate(prompts)
+                          params=SamplingParams(max_new_tokens=budget, seed=seed + i, **TEACHER_SAMPLING))
+        for i, (p, budget) in enumerate(zip(prompts, budgets, strict=True)) if budget > 0
     ]
-    return [text.strip() for text in await _map_generate(engine, requests, concurrency)]
+    answers = iter(await _map_generate(engine, requests, concurrency))
+    return [next(answers).strip() if budget > 0 else "" for budget in budgets]
 
 
 def mixed_examples(own: Sequence[Example], distilled: Sequence[tuple[str, str]], alpha: float) -> list[TrainExample]:

@@ -32,6 +32,7 @@ from libp2p.peer.id import ID as PeerID
 
 from knexa.net.rpc import ErrorCode, RpcError, RpcService, sign_payload, verify_detached
 from knexa.node.engine import AdapterError
+from knexa.node.errors import describe
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
@@ -186,7 +187,7 @@ class LearnService:
                 try:
                     self._tick()
                 except Exception as exc:  # one bad tick (a record we cannot use) must not stop the rounds
-                    log.warning('event=learn_tick_failed reason="%s: %s"', type(exc).__name__, exc)
+                    log.warning('event=learn_tick_failed reason="%s"', describe(exc))
 
     @property
     def own_validation(self) -> int:
@@ -218,7 +219,7 @@ class LearnService:
         try:
             await self._learn(examples, data_file)
         except Exception as exc:  # reported in status; the daemon goes on serving
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = describe(exc)
             log.warning('event=learn_failed reason="%s"', self.last_error)
 
     async def learn(self, data_file: Path) -> dict[str, Any]:
@@ -240,7 +241,7 @@ class LearnService:
             status = await self._learn(await self._read(data_file), data_file, train_locally=False)
             log.info("event=learn_rejoined data=%s accuracy=%.3f", data_file, status["accuracy"])
         except Exception as exc:  # e.g. the data file is gone: the node serves, and `learn` enrols it again
-            self.last_error = f"could not rejoin the rounds after the restart: {type(exc).__name__}: {exc}"
+            self.last_error = f"could not rejoin the rounds after the restart: {describe(exc)}"
             log.warning('event=learn_rejoin_failed reason="%s"', self.last_error)
 
     async def _learn(self, examples: list[tasks.Example], data_file: Path, *,
@@ -511,8 +512,8 @@ class LearnService:
                             return
                     await trio.sleep(2.0)
         except Exception as exc:  # a teacher that cannot teach leaves the round to its deadline
-            record.detail = {"error": f"{type(exc).__name__}: {exc}"}
-            log.warning('event=teach_failed round=%d reason="%s"', plan.round_no, exc)
+            record.detail = {"error": describe(exc)}
+            log.warning('event=teach_failed round=%d reason="%s"', plan.round_no, record.detail["error"])
 
     async def _handle_transfer(self, request: TransferCall, ctx: Any) -> TransferReply:
         sender = str(ctx.peer_id)
@@ -579,8 +580,8 @@ class LearnService:
             log.info("event=studied round=%d gain=%.3f loss_drop=%.4f swapped=%s", transfer.round_no,
                      outcome.gain, outcome.loss_drop, outcome.swapped)
         except Exception as exc:  # no reward: the round closes at its deadline without this pair
-            record.detail = {"error": f"{type(exc).__name__}: {exc}"}
-            log.warning('event=study_failed round=%d reason="%s"', transfer.round_no, exc)
+            record.detail = {"error": describe(exc)}
+            log.warning('event=study_failed round=%d reason="%s"', transfer.round_no, record.detail["error"])
 
     # -- views -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
