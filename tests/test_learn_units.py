@@ -442,17 +442,22 @@ def _state_at(round_no: int, matchmaker: str, now_ms: int = 1_000, deadline_s: f
 
 def test_no_single_member_moves_the_rounds_more_than_one_ahead() -> None:
     followed = {"a": 5, "b": 5, "c": 4, "liar": 10**9, "joining": 0}
-    assert quorum_round(followed, author="liar", me="a") == 5  # a majority of a, b, c follows 5
-    assert quorum_round(followed, author="a", me="b") == 5  # the liar's word counts, but is outvoted
-    assert quorum_round({"a": 5, "me": 0}, author="a", me="me") is None  # nobody else follows one: trust
-    assert quorum_round({"a": 5, "me": 0, "b": 0}, author="a", me="me") is None
-    assert quorum_round({"me": 5, "b": 0}, author="me", me="me") == 5  # this node's own view counts
+    assert quorum_round(followed, author="liar", me="b") == 4  # both of a and c follow 4 or more
+    assert quorum_round(followed, author="a", me="b") == 4  # the liar's word counts, but is outvoted by c
+    assert quorum_round({**followed, "d": 5}, author="a", me="b") == 5
+    assert quorum_round({"a": 5, "me": 3}, author="a", me="me") is None  # nobody else: no quorum
     now = 1_000_000
     assert state_rejection(_state_at(6, "a", now), "a", followed, "b", now) is None  # the next round
     assert state_rejection(_state_at(5, "a", now), "a", followed, "b", now) is None
     assert "ahead" in state_rejection(_state_at(7, "liar", now), "liar", followed, "b", now)
     assert "ahead" in state_rejection(_state_at(2**62, "liar", now), "liar", followed, "b", now)
     assert state_rejection(_state_at(2**62, "liar", now), "liar", {"b": 0}, "b", now) is None  # a new mesh
+    # Members that lag (or lie low) hold no node back: one round ahead of its own is always allowed.
+    low = {"a": 9, "b": 9, "stale": 1, "liar": 1}
+    assert state_rejection(_state_at(10, "a", now), "a", low, "b", now) is None
+    # A node that joined, or fell behind, catches up with what most others follow.
+    assert state_rejection(_state_at(9, "a", now), "a", {"a": 8, "b": 0, "c": 8, "d": 8}, "b", now) is None
+    assert "ahead" in state_rejection(_state_at(9, "a", now), "a", {"a": 8, "b": 3, "c": 3, "d": 8}, "b", now)
     future = _state_at(6, "a", now + 3_600_000)
     assert "future" in state_rejection(future, "a", followed, "b", now)
     assert state_rejection(future, "a", followed, "b", now + 3_600_000) is None

@@ -244,27 +244,28 @@ def capped_deadline(plan: RoundPlan, max_round_s: float) -> RoundPlan:
 
 
 def quorum_round(followed: Mapping[str, int], author: str, me: str) -> int | None:
-    """The highest round that more than half of the members follow, the state's author left out (its word
-    on its own state counts for nothing) unless it is this node `me`. A member that follows no round yet
-    (0) is left out: it is joining. None when nobody follows one: the mesh is new, or all of it restarted,
-    and the newest state in the ledger is taken on trust."""
-    rounds = sorted((r for peer, r in followed.items() if (peer != author or peer == me) and r > 0), reverse=True)
+    """The highest round that more than half of the other members follow: neither the state's author (its
+    word on its own state counts for nothing) nor this node `me`, nor a member that follows no round yet
+    (0: it is joining). None when no such member is left."""
+    rounds = sorted((r for peer, r in followed.items() if peer not in (author, me) and r > 0), reverse=True)
     return rounds[len(rounds) // 2] if rounds else None
 
 
 def state_rejection(state: MatchmakerState, author: str, followed: Mapping[str, int], me: str,
                     now_ms: int) -> str | None:
     """Why a member's state must not be followed now, or None. `followed`: the round each member follows
-    (from its member record; this node's own from memory). A state may be at most one round ahead of what
-    a majority of the other members follow, so one member cannot move the rounds ahead on its own (a round
-    number near the limit would stop them for good); nor date its plan in the future (the next round would
-    wait for that date)."""
+    (from its member record; this node's own from memory). A state may be one round ahead of the one this
+    node follows, or of what most other members follow (a node that joined or fell behind catches up), no
+    further: one member cannot move the rounds ahead on its own (a round number near the limit would stop
+    them for good), and members that lag or lie low cannot hold a node back. Where neither is known (a new
+    mesh, or all of it restarted) the state is taken on trust. Nor may a plan be dated in the future (the
+    next round would wait for that date)."""
     if state.plan is None:
         return "matchmaker state without a plan"
     if state.plan.created_ms > now_ms + MAX_CLOCK_SKEW_MS:
         return "matchmaker state dated in the future"
-    quorum = quorum_round(followed, author, me)
-    if quorum is not None and state.round_no > quorum + 1:
+    own, quorum = followed.get(me, 0), quorum_round(followed, author, me)
+    if (own > 0 or quorum is not None) and state.round_no > max(own, quorum or 0) + 1:
         return "matchmaker state ahead of the round the members follow"
     return None
 

@@ -398,8 +398,7 @@ class LearnService:
             self._checked_states.add((author, state.round_no, state.created_ms))
             self.states_checked += 1
         if reason is not None:
-            others = {peer: r for peer, r in followed.items() if peer != self.peer_id}
-            if (quorum_round(others, author, self.peer_id) or 0) >= state.round_no:
+            if (quorum_round(followed, author, self.peer_id) or 0) >= state.round_no:
                 return None  # most members follow it: the state this node followed lost a race for its round
         return reason
 
