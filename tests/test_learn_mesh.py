@@ -180,46 +180,57 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
             assert response.status_code == 200, response.text
         await wait_for(lambda: all((s := d.learn.current_state()) is not None and len(s.plan.pairs) == 2
                                    for d in daemons), 60)
-        plan = daemons[0].learn.current_state().plan
         by_id = {d.peer_id: d for d in daemons}
-        pair, other = plan.pairs[0], plan.pairs[1]
-        # A student of the same round never teaches in it: whatever round is open when the call lands,
-        # the impostor is not this student's teacher.
-        student, impostor = by_id[pair.student], by_id[other.student]
 
-        async def send(sender, body: TransferCall) -> TransferReply:
+        def cast():
+            """The open round, a pair of it, and the other pair's student (who does not teach this one), read
+            afresh before each call: rounds here follow each other within seconds, and a transfer for a round
+            that is over is refused for that reason."""
+            plan = daemons[0].learn.current_state().plan
+            pair, other = plan.pairs
+            return plan, pair, by_id[pair.student], by_id[pair.teacher], by_id[other.student]
+
+        async def send(sender, student, body: TransferCall) -> TransferReply:
             return await sender.rpc.call(PeerID.from_base58(student.peer_id), METHOD_TRANSFER, body, timeout=30,
                                          response_model=TransferReply)
 
+        def signed(sender, student, transfer: TransferSet | bytes) -> bytes:
+            body = transfer if isinstance(transfer, bytes) else transfer.to_bytes()
+            return sign_payload(sender.key_pair, TRANSFER_TOPIC, body, recipient=PeerID.from_base58(student.peer_id))
+
         # A transfer from a node that is not this student's teacher (answering the round's public prompts).
+        plan, pair, student, teacher, impostor = cast()
         public = tasks.transfer_set(LEARN["learn_transfer_prompts"], transfer_seed_of(plan.round_no))
-        forged = TransferSet(plan.round_no, impostor.peer_id, student.peer_id, ((public[0], "2"),))
-        payload = sign_payload(impostor.key_pair, TRANSFER_TOPIC, forged.to_bytes(),
-                               recipient=PeerID.from_base58(student.peer_id))
+        payload = signed(impostor, student, TransferSet(plan.round_no, impostor.peer_id, student.peer_id,
+                                                        ((public[0], "2"),)))
         with pytest.raises(RpcError) as caught:
-            await send(impostor, TransferCall(round_no=plan.round_no, payload=payload))
+            await send(impostor, student, TransferCall(round_no=plan.round_no, payload=payload))
+        assert caught.value.code == ErrorCode.UNAUTHORIZED
+        # A payload signed by someone else than the caller.
+        with pytest.raises(RpcError) as caught:
+            await send(teacher, student, TransferCall(round_no=plan.round_no, payload=payload))
         assert caught.value.code == ErrorCode.UNAUTHORIZED
         # A malformed transfer set, correctly signed by the assigned teacher.
-        teacher = by_id[pair.teacher]
-        junk = sign_payload(teacher.key_pair, TRANSFER_TOPIC, b"\xc1not msgpack",
-                            recipient=PeerID.from_base58(student.peer_id))
+        plan, pair, student, teacher, impostor = cast()
         with pytest.raises(RpcError) as caught:
-            await send(teacher, TransferCall(round_no=plan.round_no, payload=junk))
+            await send(teacher, student, TransferCall(round_no=plan.round_no,
+                                                      payload=signed(teacher, student, b"\xc1not msgpack")))
         assert caught.value.code == ErrorCode.BAD_REQUEST
         # Answers to prompts outside the round's public transfer set, from the assigned teacher: the teacher
         # would be choosing the student's training data.
+        plan, pair, student, teacher, impostor = cast()
         chosen = TransferSet(plan.round_no, teacher.peer_id, student.peer_id, (("Repeat after me: zqpoison", "x"),))
-        poison = sign_payload(teacher.key_pair, TRANSFER_TOPIC, chosen.to_bytes(),
-                              recipient=PeerID.from_base58(student.peer_id))
         with pytest.raises(RpcError, match="not this round's public transfer prompts") as caught:
-            await send(teacher, TransferCall(round_no=plan.round_no, payload=poison))
+            await send(teacher, student, TransferCall(round_no=plan.round_no, payload=signed(teacher, student, chosen)))
         assert caught.value.code == ErrorCode.BAD_REQUEST
         assert student.learn.rejected["transfer with prompts outside the public set"] == 1
-        # A payload signed by someone else than the caller.
-        with pytest.raises(RpcError) as caught:
-            await send(teacher, TransferCall(round_no=plan.round_no, payload=payload))
-        assert caught.value.code == ErrorCode.UNAUTHORIZED
-        assert student.learn.rejected
+        # A transfer for a round not open yet (its plan may not have reached the student): the teacher tries
+        # it again.
+        early = TransferSet(plan.round_no + 5, teacher.peer_id, student.peer_id, ((public[0], "2"),))
+        with pytest.raises(RpcError, match="not open here yet") as caught:
+            await send(teacher, student, TransferCall(round_no=plan.round_no + 5, payload=signed(teacher, student,
+                                                                                                   early)))
+        assert caught.value.code == ErrorCode.UNAVAILABLE
 
         # A forged reward: written by the impostor into the student's namespace, then one in its own.
         forged_reward = RewardReport(plan.round_no, student.peer_id, pair.teacher, 1.0, 1.0, True, 5.0).to_dict()
@@ -243,6 +254,12 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
 
         # The round goes on to its end, and the node that ran it dies: another plans the next rounds.
         await wait_for(lambda: any(h["round"] == plan.round_no for h in history(daemons[0])), 90)
+        # Once it is over, a transfer for it is refused as such.
+        await wait_for(lambda: student.learn.current_state().round_no > plan.round_no, 30)
+        stale = TransferSet(plan.round_no, teacher.peer_id, student.peer_id, ((public[0], "2"),))
+        with pytest.raises(RpcError, match="is over") as caught:
+            await send(teacher, student, TransferCall(round_no=plan.round_no, payload=signed(teacher, student, stale)))
+        assert caught.value.code == ErrorCode.BAD_REQUEST
         closing = daemons[0].learn.current_state()
         matchmaker = closing.plan.matchmaker
         victim = next(n for n in nodes if n.daemon.peer_id == matchmaker)

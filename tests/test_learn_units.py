@@ -40,8 +40,10 @@ from knexa.node.learn.rounds import (
     next_plan,
     plan_rejection,
     quorum_round,
+    reported,
     reward_signal,
     round_finished,
+    round_timing,
     state_rejection,
     succession_rejection,
 )
@@ -603,6 +605,13 @@ def test_only_the_assigned_teacher_may_send_a_transfer() -> None:
     assert "not a student" in check_transfer(plan, pair.student, pair.teacher, 1)
     assert "not the open round" in check_transfer(plan, pair.teacher, pair.student, 2)
     assert "not the open round" in check_transfer(None, pair.teacher, pair.student, 1)
+    # A transfer ahead of the plan this node holds is tried again; one for an earlier round is over.
+    assert round_timing(plan, 1) == "open" and round_timing(plan, 2) == "ahead" and round_timing(None, 1) == "ahead"
+    assert round_timing(dataclasses.replace(plan, round_no=3), 2) == "over"
+    # A teacher whose student has reported (say, it restarted after teaching) does not teach again.
+    done = {pair.student: RewardReport(1, pair.student, pair.teacher, 0.0, 0.5, False, 0.1)}
+    assert reported(plan, pair.student, done) and not reported(plan, plan.pairs[1].student, done)
+    assert not reported(plan, pair.student, {pair.student: dataclasses.replace(done[pair.student], round_no=2)})
 
 
 def test_cli_renders_status_and_rounds_with_explanations() -> None:

@@ -436,10 +436,21 @@ def round_finished(plan: RoundPlan, rewards: Mapping[str, RewardReport], now_ms:
     """Every assigned student has reported, or the deadline has passed."""
     if now_ms >= plan.deadline_ms:
         return True
-    return all(
-        (r := rewards.get(p.student)) is not None and reward_rejection(plan, r, p.student) is None
-        for p in plan.pairs
-    )
+    return all(reported(plan, p.student, rewards) for p in plan.pairs)
+
+
+def round_timing(plan: RoundPlan | None, round_no: int) -> str:
+    """Where round `round_no` stands for a node whose open plan is `plan`: "open", "ahead" (its plan has not
+    reached this node yet, or the round was never planned), or "over"."""
+    if plan is None or round_no > plan.round_no:
+        return "ahead"
+    return "open" if round_no == plan.round_no else "over"
+
+
+def reported(plan: RoundPlan, student: str, rewards: Mapping[str, RewardReport]) -> bool:
+    """The student has written a reward that counts for this plan."""
+    report = rewards.get(student)
+    return report is not None and reward_rejection(plan, report, student) is None
 
 
 def check_transfer(plan: RoundPlan | None, sender: str, recipient: str, round_no: int) -> str | None:

@@ -52,7 +52,9 @@ from knexa.node.learn.rounds import (
     next_plan,
     plan_rejection,
     quorum_round,
+    reported,
     round_finished,
+    round_timing,
     state_rejection,
     succession_rejection,
     transfer_seed_of,
@@ -431,13 +433,15 @@ class LearnService:
             self._acted = {done for done in self._acted if done[0] >= state.round_no}
             self._finished_seen = {r: t for r, t in self._finished_seen.items() if r > state.round_no}
         now_ms = int(time.time() * 1000)
+        rewards = self.rewards()
         if plan is not None and now_ms < plan.deadline_ms:
             role = plan.role_of(self.peer_id)
-            if role is not None and role[0] == "teacher" and (plan.round_no, "teacher") not in self._acted:
+            # (A student that has reported needs nothing more: say, this node restarted after teaching.)
+            if (role is not None and role[0] == "teacher" and (plan.round_no, "teacher") not in self._acted
+                    and not reported(plan, role[1].student, rewards)):
                 self._acted.add((plan.round_no, "teacher"))
                 assert self._nursery is not None
                 self._nursery.start_soon(self._teach, plan, role[1].student)
-        rewards = self.rewards()
         if plan is not None and not round_finished(plan, rewards, now_ms):
             return
         members = self.members()
@@ -530,6 +534,12 @@ class LearnService:
             self._count("transfer set naming other parties")
             raise RpcError(ErrorCode.BAD_REQUEST, "the transfer set names another round, teacher or student")
         state = self.current_state()
+        timing = round_timing(state.plan if state else None, transfer.round_no)
+        if timing == "ahead":  # the plan has not reached this node yet (or never will): the teacher tries again
+            raise RpcError(ErrorCode.UNAVAILABLE, f"round {transfer.round_no} is not open here yet")
+        if timing == "over":
+            self._count("transfer for a round that is over")
+            raise RpcError(ErrorCode.BAD_REQUEST, f"round {transfer.round_no} is over")
         reason = check_transfer(state.plan if state else None, sender, self.peer_id, transfer.round_no)
         if reason is not None:
             self._count("transfer from a node that is not the assigned teacher")
