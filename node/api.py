@@ -59,6 +59,7 @@ class NodeInfo(BaseModel):
     dht: dict[str, Any] | None = None
     collab: dict[str, Any] | None = None
     nat: dict[str, Any] | None = None
+    learn: dict[str, Any] | None = None
 
 
 class ProfileSummary(BaseModel):

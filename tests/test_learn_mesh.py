@@ -288,6 +288,8 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr
         shown = await knexa_node(quitter, "learn")  # neither: where learning stands
         assert shown.returncode == 0 and "phase: idle" in shown.stdout and "validation accuracy" in shown.stdout
+        summary = await knexa_node(watcher, "status")
+        assert summary.returncode == 0 and "enrolled, validation accuracy" in summary.stdout, summary.stdout
         rounds = await knexa_node(watcher, "rounds", "--explain")
         assert rounds.returncode == 0 and "distillation rounds" in rounds.stdout and "LinUCB scores" in rounds.stdout
         answer = await quitter.inference.require_engine().generate(GenerationRequest(
