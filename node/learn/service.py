@@ -5,8 +5,9 @@ Ledger records (kind `learn`, each signed by its author, under its own namespace
 - `learn/<peer>/member`: the node takes part; its validation accuracy, skills and the round it follows
   (refreshed, expires);
 - `learn/<peer>/state`: the matchmaker state (LinUCB A and b, reward scaler, the open plan, history), written by
-  whichever node ran the newest round; the newest anywhere, if no more than one round ahead of what most
-  members follow (`state_rejection`), is the current one;
+  whichever node ran the newest round; the newest anywhere that passes `state_rejection` (not too far ahead)
+  and `succession_rejection` (the state before it, closed with the rewards the students signed) is the
+  current one;
 - `learn/<peer>/reward`: a student's measured accuracy gain and loss drop for a round.
 Every tick a node reads them: a teacher in the open plan answers the transfer set and sends it to its student
 over `learn.transfer`; the student trains a shadow adapter on its own data mixed with the answers, keeps it
