@@ -551,6 +551,35 @@ def test_a_lying_member_state_is_refused_and_the_honest_one_followed(tmp_path: P
     assert endless.plan.deadline_ms == now + int(service.settings.round_deadline_s * 1000)  # held no longer
 
 
+def test_a_joining_node_checks_a_state_against_the_ledgers_state_of_the_round_before(tmp_path: Path) -> None:
+    """A node that followed no round yet checks a new state against the state of the round before that the
+    ledger still holds (real ledgers; the RPC registry is a stand-in, as above)."""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
+
+    me, first, second, liar = (Ledger(KEY_PAIRS[i]) for i in range(4))
+    now = int(time.time() * 1000)
+    before = _state_at(3, first.peer_id, now)
+    closed, _ = close_round(before, {})
+    me.merge([first.put_learn("state", before.to_dict(), None),
+              *(ledger.put_learn("member", {"accuracy": 0.5, "skills": {}, "round": 3}, None)
+                for ledger in (first, second))])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
+    taught = LinUCB.from_dict(closed.bandit.to_dict())
+    taught.b[0] += 1.0
+    forged = next_plan(dataclasses.replace(closed, bandit=taught), _candidates(4), liar.peer_id, now + 1, 60)
+    me.merge([liar.put_learn("state", forged.to_dict(), None)])
+    assert service.current_state().plan.matchmaker == first.peer_id
+    assert service.rejected == {"matchmaker state whose bandit is not its rewards' result": 1}
+    honest = next_plan(closed, _candidates(4), second.peer_id, now + 2, 60)
+    me.merge([second.put_learn("state", honest.to_dict(), None)])
+    assert service.current_state().plan.matchmaker == second.peer_id and service.states_checked == 1
+
+
 def test_the_bandit_learns_from_loss_drops_and_malformed_rewards_are_refused() -> None:
     state = _planned()
     first, second = state.plan.pairs

@@ -368,10 +368,11 @@ class LearnService:
         now_ms = int(time.time() * 1000)
         signed = self.rewards()
         usable = []
-        for author, state in self._states.read(self._learn_entries(STATE)).items():
+        states = self._states.read(self._learn_entries(STATE))
+        for author, state in states.items():
             reason = state_rejection(state, author, followed, self.peer_id, now_ms)
             if reason is None:
-                reason = self._succession_rejection(state, author, signed, followed)
+                reason = self._succession_rejection(state, author, signed, followed, states)
             if reason is None:
                 usable.append(state)
             elif (author, state.round_no, reason) not in self._refused_states:
@@ -388,13 +389,17 @@ class LearnService:
         return chosen
 
     def _succession_rejection(self, state: MatchmakerState, author: str, signed: dict[str, RewardReport],
-                              followed: dict[str, int]) -> str | None:
-        """Checked against the state of the round before, where this node followed one; a node that joined
-        later cannot check, and takes the state within the quorum's bound."""
-        parent = self._followed_states.get(state.round_no - 1)
-        if parent is None:
+                              followed: dict[str, int], states: dict[str, MatchmakerState]) -> str | None:
+        """Checked against the state of the round before that this node followed or, where it followed none
+        (it joined later), against the states of that round the ledger still holds (one of them must fit).
+        With none of either it cannot check, and takes the state within the quorum's bound."""
+        followed_parent = self._followed_states.get(state.round_no - 1)
+        parents = [followed_parent] if followed_parent is not None else [
+            s for s in states.values() if s.round_no == state.round_no - 1]
+        if not parents:
             return None
-        reason = succession_rejection(parent, state, signed)
+        reasons = [succession_rejection(parent, state, signed) for parent in parents]
+        reason = None if None in reasons else reasons[0]
         if reason is None and (author, state.round_no, state.created_ms) not in self._checked_states:
             if len(self._checked_states) >= MAX_REFUSED_STATES:
                 self._checked_states.clear()
