@@ -128,7 +128,9 @@ async def test_hostile_entries_are_rejected_counted_and_not_spread(tmp_path):
             await wait_for(lambda: a.ledger.counters.rejected.get("bad_signature", 0) >= 2, 10)
             await close_host(attacker)
 
-        assert {e.key: e for e in a.ledger.entries()} == before
+        # Nothing hostile got in; the two nodes' own profiles may have been refreshed meanwhile.
+        after = {e.key: e for e in a.ledger.entries()}
+        assert after.keys() == before.keys() and {e.author for e in after.values()} <= {a.peer_id, b.peer_id}
         stats = (await api_get(a, "/v1/ledger")).json()["stats"]
         assert sum(stats["rejected"].values()) >= 6
         assert (await api_get(a, "/v1/health")).status_code == 200

@@ -78,6 +78,46 @@ async def test_unary_server_stream_client_stream_round_trips() -> None:
         assert (await b.rpc.call(a.peer_id, "add", {"a": 1, "b": 1}))["total"] == 2
 
 
+async def test_a_call_on_a_pooled_stream_that_died_unnoticed_opens_again_on_a_fresh_one() -> None:
+    """Just after a connection closes, its stream can still sit in the pool before the session's reader
+    has seen the close; the next call's OPEN frame then fails to write (seen in CI as "stream write failed:
+    RPC stream is closed"). Nothing reached the server, so the call opens again on a new stream. The dead
+    stream is simulated by making its writes fail: the race itself cannot be forced."""
+    async with rpc_nodes(2) as (a, b):
+        serve_basics(b)
+        assert (await a.rpc.call(b.peer_id, "add", {"a": 1, "b": 1}))["total"] == 2
+        for opened in ("unary", "server_stream", "client_stream"):
+            [stale] = a.rpc._clients[b.peer_id]
+
+            async def dead(frame: object) -> int:
+                raise RuntimeError("RPC stream is closed")
+
+            stale.fs.send = dead
+            if opened == "unary":
+                assert (await a.rpc.call(b.peer_id, "add", {"a": 2, "b": 3}))["total"] == 5
+            elif opened == "server_stream":
+                async with a.rpc.server_stream(b.peer_id, "count", {"n": 3}) as responses:
+                    assert [r["i"] async for r in responses] == [0, 1, 2]
+            else:
+                async with a.rpc.client_stream(b.peer_id, "sum") as sink:
+                    await sink.send(4)
+                    assert await sink.finish() == 4
+            assert stale.closed and a.rpc._clients[b.peer_id] != [stale]
+            await stale.fs.reset()
+        # A second dead stream in a row is the caller's error, not a loop.
+        [fresh] = a.rpc._clients[b.peer_id]
+        fresh.fs.send = dead
+
+        async def dial_dead(peer_id: object) -> object:
+            session = fresh.__class__(a.rpc, fresh.fs)
+            a.rpc._clients[b.peer_id].append(session)
+            return session
+
+        a.rpc._session = dial_dead
+        with pytest.raises(RpcError, match="stream write failed"):
+            await a.rpc.call(b.peer_id, "add", {"a": 1, "b": 1})
+
+
 async def test_typed_errors_reach_the_caller() -> None:
     async with rpc_nodes(2) as (a, b):
         serve_basics(b)

@@ -39,6 +39,10 @@ def error_from(env: Envelope) -> RpcError:
     return RpcError(ErrorCode.parse(env.status), str(message))
 
 
+class StreamWriteError(RpcError):
+    """A frame could not be written: the stream is dead (its reader may not have noticed yet)."""
+
+
 class ClientSession:
     def __init__(self, svc: RpcService, fs: FramedStream) -> None:
         self.svc = svc
@@ -69,7 +73,7 @@ class ClientSession:
         except (trio.Cancelled, RpcError):
             raise
         except Exception as exc:
-            raise RpcError(ErrorCode.UNAVAILABLE, f"stream write failed: {exc}") from None
+            raise StreamWriteError(ErrorCode.UNAVAILABLE, f"stream write failed: {exc}") from None
 
     async def send_credit(self, call: CallState, size: int) -> None:
         grant = call.recv_credit.on_consume(size)
@@ -77,7 +81,7 @@ class ClientSession:
             try:
                 await self.fs.send(Frame(FrameType.CREDIT, call.call_id, value=grant))
             except Exception as exc:
-                raise RpcError(ErrorCode.UNAVAILABLE, f"stream write failed: {exc}") from None
+                raise StreamWriteError(ErrorCode.UNAVAILABLE, f"stream write failed: {exc}") from None
 
     async def finish(self, call: CallState) -> None:
         """Forget `call`; if the server may still be working on it, send CANCEL."""

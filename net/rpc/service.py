@@ -15,10 +15,12 @@ from libp2p.peer.id import ID as PeerID
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from knexa.net.rpc.auth import EnvelopeAuthenticator
+from knexa.net.rpc.call import CallState
 from knexa.net.rpc.client import (
     ClientSession,
     RequestSink,
     ResponseStream,
+    StreamWriteError,
     error_from,
     timeout_ms_for,
 )
@@ -238,6 +240,29 @@ class RpcService:
             pool.append(session)
             return session
 
+    async def _open_call(self, peer_id: PeerID, method: str, body: bytes | PackedBody, deadline: float,
+                         recv_window: int, open_window: int) -> tuple[ClientSession, CallState]:
+        """A session and a call whose OPEN frame went out. A pooled stream can be dead before its reader has
+        noticed (its connection just closed); an OPEN frame that could not be written started nothing on the
+        server, so the call is opened once more, on a fresh stream."""
+        for attempt in (1, 2):
+            session = await self._session(peer_id)
+            call = session.new_call(method, recv_window=recv_window)
+            try:
+                await session.send_signed(FrameType.OPEN, call, Kind.REQUEST, body,
+                                          timeout_ms=timeout_ms_for(deadline), window=open_window)
+                return session, call
+            except StreamWriteError:
+                await session.finish(call)
+                if attempt == 2:
+                    raise
+                session.closed = True
+                self.drop_client_session(session)
+            except BaseException:
+                await session.finish(call)
+                raise
+        raise AssertionError("unreachable")
+
     def _deadline(self, timeout: float | None) -> float:
         deadline = trio.current_effective_deadline()
         if timeout is not None:
@@ -259,12 +284,9 @@ class RpcService:
         outcome = "cancelled"
         try:
             with trio.move_on_at(deadline) as scope:
-                session = await self._session(peer_id)
-                call = session.new_call(method, recv_window=self.config.stream_window)
+                session, call = await self._open_call(peer_id, method, pack_body(body), deadline,
+                                                      self.config.stream_window, self.config.stream_window)
                 try:
-                    await session.send_signed(FrameType.OPEN, call, Kind.REQUEST,
-                                              pack_body(body), timeout_ms=timeout_ms_for(deadline),
-                                              window=self.config.stream_window)
                     env, _ = await call.next()
                 finally:
                     await session.finish(call)
@@ -304,13 +326,10 @@ class RpcService:
         window = window or self.config.stream_window
         outcome = "cancelled"
         with trio.move_on_at(deadline) as scope:
-            session = await self._session(peer_id)
+            session, call = await self._open_call(peer_id, method, pack_body(body), deadline, window, window)
         if scope.cancelled_caught:
             raise RpcError(ErrorCode.DEADLINE_EXCEEDED, f"{method} timed out")
-        call = session.new_call(method, recv_window=window)
         try:
-            await session.send_signed(FrameType.OPEN, call, Kind.REQUEST, pack_body(body),
-                                      timeout_ms=timeout_ms_for(deadline), window=window)
             responses = ResponseStream(session, call, deadline, response_model)
             yield responses
             outcome = "ok" if responses.done else "cancelled"
@@ -335,13 +354,11 @@ class RpcService:
         deadline = self._deadline(timeout)
         outcome = "cancelled"
         with trio.move_on_at(deadline) as scope:
-            session = await self._session(peer_id)
+            session, call = await self._open_call(peer_id, method, pack_body(None), deadline,
+                                                  self.config.stream_window, 0)
         if scope.cancelled_caught:
             raise RpcError(ErrorCode.DEADLINE_EXCEEDED, f"{method} timed out")
-        call = session.new_call(method, recv_window=self.config.stream_window)
         try:
-            await session.send_signed(FrameType.OPEN, call, Kind.REQUEST, pack_body(None),
-                                      timeout_ms=timeout_ms_for(deadline))
             sink = RequestSink(session, call, deadline, response_model)
             yield sink
             outcome = "ok" if call.terminal_received else "cancelled"
