@@ -23,8 +23,8 @@ def find_exception(exc: BaseException, kinds: type[E] | tuple[type[E], ...]) -> 
 def describe(exc: BaseException) -> str:
     """`Type: message` of the first exception in `exc` that is not a group (what a person needs to read),
     and how many more came with it."""
-    leaves = list(_leaves(exc))
-    first = leaves[0] if leaves else exc
+    leaves = list(_leaves(exc))  # never empty: an exception group holds at least one exception
+    first = leaves[0]
     text = f"{type(first).__name__}: {first}"
     return text + (f" (and {len(leaves) - 1} more)" if len(leaves) > 1 else "")
 

@@ -85,7 +85,7 @@ TRANSFER_TIMEOUT_S = 60.0
 LOG_ROUNDS = 100
 # The state is one ledger entry (64 KiB at most with its key and signature): older history gives way.
 STATE_MAX_BYTES = 48 * 1024
-MAX_REFUSED_STATES = 1024  # verdicts remembered so that each is counted once
+MAX_VERDICTS = 1024  # verdicts on states remembered so that each is counted once
 
 
 @dataclass
@@ -96,6 +96,16 @@ class RoundLog:
     role: str
     partner: str
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _first_time(seen: set[tuple[Any, ...]], key: tuple[Any, ...]) -> bool:
+    """Whether `key` is new to `seen` (then remembered; `seen` starts afresh past MAX_VERDICTS)."""
+    if key in seen:
+        return False
+    if len(seen) >= MAX_VERDICTS:
+        seen.clear()
+    seen.add(key)
+    return True
 
 
 class MemberRecord(NamedTuple):
@@ -375,10 +385,7 @@ class LearnService:
                 reason = self._succession_rejection(state, author, signed, followed, states)
             if reason is None:
                 usable.append(state)
-            elif (author, state.round_no, reason) not in self._refused_states:
-                if len(self._refused_states) >= MAX_REFUSED_STATES:
-                    self._refused_states.clear()
-                self._refused_states.add((author, state.round_no, reason))
+            elif _first_time(self._refused_states, (author, state.round_no, reason)):
                 self._count(reason)
                 log.warning('event=state_refused author=%s round=%d reason="%s"', author, state.round_no, reason)
         chosen = newest_state(usable)
@@ -400,10 +407,7 @@ class LearnService:
             return None
         reasons = [succession_rejection(parent, state, signed) for parent in parents]
         reason = None if None in reasons else reasons[0]
-        if reason is None and (author, state.round_no, state.created_ms) not in self._checked_states:
-            if len(self._checked_states) >= MAX_REFUSED_STATES:
-                self._checked_states.clear()
-            self._checked_states.add((author, state.round_no, state.created_ms))
+        if reason is None and _first_time(self._checked_states, (author, state.round_no, state.created_ms)):
             self.states_checked += 1
         if reason is not None:
             if (quorum_round(followed, author, self.peer_id) or 0) >= state.round_no:
