@@ -161,11 +161,8 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
     return curve
 
 
-async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path) -> dict[str, list[float]]:
-    agents, test = make_agents(args, seed)
-    warm = scratch / f"warm-{seed}"
-    print(f"seed {seed}: {len(agents)} agents, train sizes {[len(a.train) for a in agents]}, "
-          f"test {len(test)}; local warm-up {args.warmup_steps} steps", flush=True)
+async def warm_up(engine: Engine, agents: list[Agent], args: argparse.Namespace, seed: int, warm: Path) -> None:
+    """Every agent trains on its own data from a fresh adapter; the adapters are saved under warm/."""
     for a in agents:
         a.live = f"warm{a.index}"
         await engine.ensure_adapter(a.live, seed=seed + a.index)
@@ -174,13 +171,19 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         await engine.save_adapter(a.live, warm / a.name)
         await engine.unload_adapter(a.live)
         await engine.unload_adapter(learner.shadow_of(a.live))
+
+
+async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path) -> dict[str, list[float]]:
+    agents, test = make_agents(args, seed)
+    warm = scratch / f"warm-{seed}"
+    print(f"seed {seed}: {len(agents)} agents, train sizes {[len(a.train) for a in agents]}, "
+          f"test {len(test)}; local warm-up {args.warmup_steps} steps", flush=True)
+    await warm_up(engine, agents, args, seed, warm)
     return {c: await run_condition(engine, c, agents, test, warm, args, seed) for c in args.conditions}
 
 
 async def main(args: argparse.Namespace) -> dict[str, list[list[float]]]:
-    config = EngineConfig(model=None if args.model == "embedded" else Path(args.model), device=args.device,
-                          max_batch=args.max_batch, max_queue=4 * args.max_batch, show_progress=True,
-                          torch_threads=args.threads)
+    config = engine_config(args)
     started = time.perf_counter()
     curves: dict[str, list[list[float]]] = {c: [] for c in args.conditions}
     with tempfile.TemporaryDirectory(prefix="knexa-distill-") as scratch:
@@ -287,16 +290,18 @@ def plot(mean: dict[str, list[float]], args: argparse.Namespace) -> None:
     print(f"plot written to {args.plot}")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=None if args.model == "embedded" else Path(args.model), device=args.device,
+                        max_batch=args.max_batch, max_queue=4 * args.max_batch, show_progress=True,
+                        torch_threads=args.threads)
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The population, model and training arguments, shared with bench/distill_pairs.py."""
     parser.add_argument("--full", action="store_true", help="the full configuration (meant for a CUDA GPU)")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--dirichlet", type=float, default=0.5)
-    parser.add_argument("--reward", default="loss_drop", choices=REWARD_SIGNALS,
-                        help="what the matchmaker learns from (the daemon's: loss_drop); it changes only the "
-                             "LinUCB condition: run --conditions linucb and merge with the same seeds' other runs")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--public-val", type=int, default=4,
@@ -309,14 +314,27 @@ def parse_args() -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"reduced: {value}, "
                             f"full: {FULL[name]}")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="run nothing: average the curves of earlier runs' --json files (and --plot them)")
-    parser.add_argument("--plot", default=None)
-    args = parser.parse_args()
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Sizes not given on the command line come from the reduced or the full configuration."""
     for name, value in (FULL if args.full else REDUCED).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(parser)
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--reward", default="loss_drop", choices=REWARD_SIGNALS,
+                        help="what the matchmaker learns from (the daemon's: loss_drop); it changes only the "
+                             "LinUCB condition: run --conditions linucb and merge with the same seeds' other runs")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: average the curves of earlier runs' --json files (and --plot them)")
+    parser.add_argument("--plot", default=None)
+    return with_defaults(parser.parse_args())
 
 
 if __name__ == "__main__":

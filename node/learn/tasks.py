@@ -90,8 +90,13 @@ def generate_examples(category: str, n: int, seed: int) -> list[Example]:
 
 def transfer_set(n: int, seed: int) -> list[str]:
     """Public prompts, all categories mixed, with no answers: what a teacher answers for its student."""
+    return [e.prompt for e in transfer_examples(n, seed)]
+
+
+def transfer_examples(n: int, seed: int) -> list[Example]:
+    """The transfer set with its answers: for grading what teachers send (the benchmark), never sent."""
     rng = random.Random(f"transfer:{seed}")
-    return [_GENERATORS[CATEGORIES[i % len(CATEGORIES)]](rng).prompt for i in range(n)]
+    return [_GENERATORS[CATEGORIES[i % len(CATEGORIES)]](rng) for i in range(n)]
 
 
 def public_validation(per_category: int, seed: int = PUBLIC_VALIDATION_SEED) -> list[Example]:
