@@ -139,11 +139,11 @@ async def test_accuracy(engine: Engine, adapter: str, test: list[tasks.Example],
     return (await learner.evaluate(engine, adapter, test, concurrency=args.concurrency, with_loss=False)).accuracy
 
 
-async def fresh(engine: Engine, a: Agent, name: str, warm: Path, args: argparse.Namespace) -> None:
-    """The agent's live adapter back at its warmed-up weights, under a new name."""
-    a.live = name
+async def fresh(engine: Engine, a: Agent, name: str, warm: Path, evaluation: learner.Evaluation) -> None:
+    """The agent's live adapter back at its warmed-up weights (whose validation is `evaluation`), under a new
+    name."""
+    a.live, a.evaluation = name, evaluation
     await engine.load_adapter(name, warm / a.name)
-    a.evaluation = await learner.evaluate(engine, name, a.val, concurrency=args.concurrency)
 
 
 async def drop(engine: Engine, a: Agent, trained: bool = True) -> None:
@@ -160,16 +160,17 @@ async def train_and_test(engine: Engine, a: Agent, examples: list, test: list[ta
     return outcome, (shadow if outcome.swapped else base_test), shadow
 
 
-async def alone_outcomes(engine: Engine, agents: list[Agent], test: list[tasks.Example], warm: Path,
-                         args: argparse.Namespace, seed: int) -> dict[int, AgentOutcome]:
+async def alone_outcomes(engine: Engine, agents: list[Agent], evaluations: dict[int, learner.Evaluation],
+                         test: list[tasks.Example], warm: Path, args: argparse.Namespace, seed: int
+                         ) -> dict[int, AgentOutcome]:
     alone = {}
     for a in agents:
-        await fresh(engine, a, f"base{a.index}", warm, args)
+        await fresh(engine, a, f"base{a.index}", warm, evaluations[a.index])
         base = await test_accuracy(engine, a.live, test, args)
         await drop(engine, a, trained=False)
         runs = []
         for repeat, train_seed in enumerate((seed + ROUND, seed + ROUND + 100)):
-            await fresh(engine, a, f"alone{a.index}-{repeat}", warm, args)
+            await fresh(engine, a, f"alone{a.index}-{repeat}", warm, evaluations[a.index])
             runs.append((await train_and_test(engine, a, own_examples(a), test, args, train_seed, base))[1:])
             await drop(engine, a)
         alone[a.index] = AgentOutcome(base, *runs[0], *runs[1])
@@ -185,26 +186,28 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
     print(f"seed {seed}: {len(agents)} agents, train sizes {[len(a.train) for a in agents]}, test {len(test)}",
           flush=True)
     await warm_up(engine, agents, args, seed, warm)
-    evaluations = {}
+    # Training changes an agent's evaluation: the profiles the pairs are oriented and scored by are taken
+    # before any of it, as the benchmark's round 1 takes them.
+    evaluations, candidates = {}, {}
     for a in agents:
-        await fresh(engine, a, f"base{a.index}", warm, args)
-        evaluations[a.index] = a.evaluation
-        await drop(engine, a, trained=False)
-    alone = {} if args.teachers_only else await alone_outcomes(engine, agents, test, warm, args, seed)
-    candidates = {a.index: a.candidate() for a in agents}
+        await engine.load_adapter(a.name, warm / a.name)
+        a.evaluation = evaluations[a.index] = await learner.evaluate(engine, a.name, a.val,
+                                                                     concurrency=args.concurrency)
+        candidates[a.index] = a.candidate()
+        await engine.unload_adapter(a.name)
+    alone = {} if args.teachers_only else await alone_outcomes(engine, agents, evaluations, test, warm, args, seed)
     transfer = tasks.transfer_examples(args.transfer, seed * 1000 + ROUND)
     prompts = [e.prompt for e in transfer]
     reference = {e.prompt: e for e in transfer}
     answers, teachers = {}, {}
     for a in agents:
-        await fresh(engine, a, f"teacher{a.index}", warm, args)
+        await fresh(engine, a, f"teacher{a.index}", warm, evaluations[a.index])
         samples = [await learner.teacher_answers(engine, a.live, prompts, args.teacher_tokens,
                                                  seed=seed * 7919 + ROUND + vote * 100_003,
                                                  concurrency=args.concurrency)
                    for vote in range(args.votes)]
         answers[a.index] = samples[0]
         await drop(engine, a, trained=False)
-        a.evaluation = evaluations[a.index]
         right = [tasks.grade(e, answer) for e, answer in zip(transfer, answers[a.index], strict=True)]
         voted = [majority(outputs) for outputs in zip(*samples, strict=True)]
         teachers[a.index] = {
@@ -232,12 +235,11 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
                          "right": right})
         if args.teachers_only:
             continue
-        await fresh(engine, s, f"student{s.index}-of-{t.index}", warm, args)
+        await fresh(engine, s, f"student{s.index}-of-{t.index}", warm, evaluations[s.index])
         examples = learner.mixed_examples(s.train, useful, alpha_for(ROUND))
         outcome, live, shadow = await train_and_test(engine, s, examples, test, args, seed + ROUND,
                                                      alone[s.index].base_test)
         await drop(engine, s)
-        s.evaluation = evaluations[s.index]
         pairs.append(PairOutcome(t.index, s.index, lead, outcome.loss_drop, outcome.gain, outcome.swapped, live,
                                  shadow))
         print(f"  agent{t.index} -> agent{s.index}: lead {lead:.2f}, {len(useful)} answers ({right} right), loss "
