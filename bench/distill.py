@@ -45,6 +45,7 @@ from knexa.node.learn.rounds import (
     close_round,
     next_plan,
 )
+from knexa.node.learn.settings import LearnSettings
 
 CONDITIONS = ("local", "random", "linucb")
 REDUCED = dict(agents=4, rounds=4, per_category=80, test_per_category=12, transfer=32, teacher_tokens=24,
@@ -134,7 +135,8 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
             else:
                 teacher = by_name[pair.teacher]
                 answers = await learner.teacher_answers(engine, teacher.live, prompts, args.teacher_tokens,
-                                                        seed=seed * 7919 + round_no, concurrency=args.concurrency)
+                                                        seed=seed * 7919 + round_no, concurrency=args.concurrency,
+                                                        votes=args.votes)
                 useful = tasks.answers_worth_learning(zip(prompts, answers, strict=True),
                                                       teacher.evaluation.skills, a.evaluation.skills)
                 examples = learner.mixed_examples(a.train, useful, alpha_for(round_no))
@@ -331,6 +333,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reward", default="loss_drop", choices=REWARD_SIGNALS,
                         help="what the matchmaker learns from (the daemon's: loss_drop); it changes only the "
                              "LinUCB condition: run --conditions linucb and merge with the same seeds' other runs")
+    parser.add_argument("--votes", type=int, default=LearnSettings.teacher_votes,
+                        help="samples of each teacher answer; above 1 a teacher sends only the answers most samples "
+                             f"agree on (default {LearnSettings.teacher_votes}, the daemon's learn_teacher_votes); "
+                             "it changes only the paired conditions")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="run nothing: average the curves of earlier runs' --json files (and --plot them)")
     parser.add_argument("--plot", default=None)

@@ -21,6 +21,9 @@ answers; the daemon's need not), and so are the ones the answer filter passes to
 
     python bench/distill_pairs.py --threads 2 --agents 6 --teachers-only --seeds 4   # the grading alone
     python bench/distill_pairs.py --merge out.json other.json                         # report over runs
+    python bench/distill_pairs.py --threads 2 --agents 6 --votes 5 --filter lead+voted --alone out.json \
+        --json voted.json                                 # the pairs again, learning only agreed answers
+    python bench/distill_pairs.py --merge voted.json --baseline out.json              # pair by pair
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,27 +91,6 @@ def matchings(members: Sequence[int]) -> Iterator[list[tuple[int, int]]]:
             yield [(first, other), *tail]
     if len(members) % 2:
         yield from matchings(rest)
-
-
-def answer_key(output: str) -> str | None:
-    """What grading reads from an answer: the last number, or else the last word, of its first line."""
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    first = lines[0].replace(",", "") if lines else ""
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", first)
-    if numbers:
-        return repr(float(numbers[-1]))
-    words = re.findall(r"[A-Za-z]+", first)
-    return words[-1] if words else None
-
-
-def majority(outputs: Sequence[str]) -> str | None:
-    """The answer more than half of the samples agree on (the first of them), or None."""
-    keys = [answer_key(o) for o in outputs]
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    key, count = counts.most_common(1)[0]
-    return outputs[keys.index(key)] if count * 2 > len(outputs) else None
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -179,6 +159,32 @@ async def alone_outcomes(engine: Engine, agents: list[Agent], evaluations: dict[
     return alone
 
 
+async def reused_alone(engine: Engine, agents: list[Agent], test: list[tasks.Example], warm: Path,
+                       args: argparse.Namespace, seed: int) -> dict[int, AgentOutcome]:
+    """The alone outcomes of an earlier run of this seed (`--alone`): a filter changes only the pairs. The
+    warmed-up adapters must test as they did then, or the earlier training runs are not this run's; one or two
+    greedy answers may differ (bfloat16 batches of another composition: another process on the cores changes
+    which requests are decoded together), more may not."""
+    earlier = {r["seed"]: r for path in args.alone
+               for r in json.loads(await trio.Path(path).read_text())["seeds"]}
+    if seed not in earlier or not earlier[seed].get("agents"):
+        raise SystemExit(f"--alone: no alone outcomes of seed {seed} in {args.alone}")
+    alone = {int(i): AgentOutcome(**o) for i, o in earlier[seed]["agents"].items()}
+    for a in agents:
+        await fresh(engine, a, f"base{a.index}", warm, a.evaluation)
+        base = await test_accuracy(engine, a.live, test, args)
+        await drop(engine, a, trained=False)
+        differ = round(abs(base - alone[a.index].base_test) * len(test))
+        if differ:
+            print(f"  agent{a.index} warmed up tests {base:.3f}, in the earlier run {alone[a.index].base_test:.3f}",
+                  flush=True)
+        if differ > 2:
+            raise SystemExit(f"--alone: agent{a.index} of seed {seed} answers {differ} test prompts otherwise than "
+                             "in the earlier run: not the same warm-up")
+    print(f"  alone outcomes of seed {seed} reused", flush=True)
+    return alone
+
+
 async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path) -> dict:
     agents, test = make_agents(args, seed)
     warm = scratch / f"warm-{seed}"
@@ -195,21 +201,27 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
                                                                      concurrency=args.concurrency)
         candidates[a.index] = a.candidate()
         await engine.unload_adapter(a.name)
-    alone = {} if args.teachers_only else await alone_outcomes(engine, agents, evaluations, test, warm, args, seed)
+    if args.teachers_only:
+        alone = {}
+    elif args.alone:
+        alone = await reused_alone(engine, agents, test, warm, args, seed)
+    else:
+        alone = await alone_outcomes(engine, agents, evaluations, test, warm, args, seed)
     transfer = tasks.transfer_examples(args.transfer, seed * 1000 + ROUND)
     prompts = [e.prompt for e in transfer]
     reference = {e.prompt: e for e in transfer}
-    answers, teachers = {}, {}
+    answers, voted_answers, teachers = {}, {}, {}
     for a in agents:
         await fresh(engine, a, f"teacher{a.index}", warm, evaluations[a.index])
         samples = [await learner.teacher_answers(engine, a.live, prompts, args.teacher_tokens,
-                                                 seed=seed * 7919 + ROUND + vote * 100_003,
+                                                 seed=seed * 7919 + ROUND + vote * learner.VOTE_SEED_STRIDE,
                                                  concurrency=args.concurrency)
                    for vote in range(args.votes)]
         answers[a.index] = samples[0]
         await drop(engine, a, trained=False)
         right = [tasks.grade(e, answer) for e, answer in zip(transfer, answers[a.index], strict=True)]
-        voted = [majority(outputs) for outputs in zip(*samples, strict=True)]
+        voted = [tasks.majority(outputs) for outputs in zip(*samples, strict=True)]
+        voted_answers[a.index] = [v or "" for v in voted]
         teachers[a.index] = {
             "validation": evaluations[a.index].accuracy, "skills": evaluations[a.index].skills,
             "right": sum(right), "answers": len(right), "categories": [e.category for e in transfer],
@@ -228,8 +240,9 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         teacher, student = oriented(candidates[first.index], candidates[second.index])
         t, s = by_name[teacher.peer_id], by_name[student.peer_id]
         lead = sum(teacher_lead(teacher.vector, student.vector).values())
-        useful = tasks.answers_worth_learning(zip(prompts, answers[t.index], strict=True),
-                                              evaluations[t.index].skills, evaluations[s.index].skills)
+        given = voted_answers[t.index] if args.filter == "lead+voted" else answers[t.index]
+        useful = [(prompt, answer) for prompt, answer in tasks.answers_worth_learning(
+            zip(prompts, given, strict=True), evaluations[t.index].skills, evaluations[s.index].skills) if answer]
         right = sum(tasks.grade(reference[prompt], answer) for prompt, answer in useful)
         filtered.append({"teacher": t.index, "student": s.index, "lead": lead, "answers": len(useful),
                          "right": right})
@@ -389,6 +402,28 @@ def report(results: list[dict]) -> None:
                                         f"{mean[f'{keep}_precision']:.3f} right" for keep in FILTERS))
 
 
+def compare(baseline: list[dict], results: list[dict]) -> None:
+    """Each pair against the same pair (seed, teacher, student) of the baseline runs: what another answer
+    filter changed, with the pairs' own noise paired out."""
+    before = {(r["seed"], p["teacher"], p["student"]): p for r in baseline for p in r["pairs"]}
+    alone = {(r["seed"], int(i)): o for r in results for i, o in r["agents"].items()}
+    rows = [(p, before[(r["seed"], p["teacher"], p["student"])], alone[(r["seed"], p["student"])])
+            for r in results for p in r["pairs"] if (r["seed"], p["teacher"], p["student"]) in before]
+    if len(rows) < 2:
+        raise SystemExit("--baseline: fewer than two pairs in common")
+    print(f"\nagainst the baseline, {len(rows)} pairs in common:")
+    for measure in ("live", "shadow"):
+        diffs = [p[f"{measure}_test"] - b[f"{measure}_test"] for p, b, _ in rows]
+        mean, sem = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+        benefit = statistics.fmean(p[f"{measure}_test"] - o[f"alone_{measure}_test"] for p, _, o in rows)
+        was = statistics.fmean(b[f"{measure}_test"] - o[f"alone_{measure}_test"] for _, b, o in rows)
+        print(f"  {measure:6s}: a student's test accuracy {mean:+.3f} ± {sem:.3f} (standard error), better in "
+              f"{sum(d > 0 for d in diffs)} pairs, worse in {sum(d < 0 for d in diffs)}; a pair's benefit over "
+              f"training alone {benefit:+.3f} (baseline {was:+.3f})")
+    kept = sum(p["kept"] for p, _, _ in rows), sum(b["kept"] for _, b, _ in rows)
+    print(f"  shadows kept: {kept[0]} (baseline {kept[1]})")
+
+
 async def main(args: argparse.Namespace) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="knexa-pairs-") as scratch:
@@ -409,11 +444,21 @@ def parse_args() -> argparse.Namespace:
     common_arguments(parser)
     parser.add_argument("--votes", type=int, default=1,
                         help="samples of each teacher answer, graded as one where more than half agree")
+    parser.add_argument("--filter", choices=("lead", "lead+voted"), default="lead",
+                        help="the teacher answers a student learns: the daemon's (categories where the teacher "
+                             "leads), or of those the ones most of --votes samples agree on")
+    parser.add_argument("--alone", nargs="+", default=None, metavar="JSON",
+                        help="take the alone outcomes from earlier runs' --json files instead of training them")
+    parser.add_argument("--baseline", nargs="+", default=None, metavar="JSON",
+                        help="with --merge: compare each pair with the same pair of these runs (another filter)")
     parser.add_argument("--teachers-only", action="store_true",
                         help="train no pair: grade the teachers' answers and what the answer filter passes")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="run nothing: report over earlier runs' --json files")
-    return with_defaults(parser.parse_args())
+    args = with_defaults(parser.parse_args())
+    if args.filter == "lead+voted" and args.votes < 3:
+        parser.error("--filter lead+voted needs --votes 3 or more")
+    return args
 
 
 if __name__ == "__main__":
@@ -423,5 +468,8 @@ if __name__ == "__main__":
         for seed_result in merged:
             summarise(seed_result)
         report(merged)
+        if arguments.baseline:
+            compare([seed for path in arguments.baseline for seed in json.loads(Path(path).read_text())["seeds"]],
+                    merged)
     else:
         trio.run(main, arguments)

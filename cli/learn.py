@@ -8,6 +8,14 @@ from typing import Any
 from rich.table import Table
 
 
+def _sent(record: dict) -> str:
+    answered = record.get("answered", record["sent"])
+    sent = f"sent {answered} answer{'' if answered == 1 else 's'}"
+    if answered == record["sent"]:
+        return sent
+    return f"{sent} ({record['sent'] - answered} of {record['sent']} prompts left unanswered)"
+
+
 def _short(peer: str) -> str:
     return peer[:6] + "…" + peer[-6:] if len(peer) > 14 else peer
 
@@ -73,7 +81,7 @@ def print_rounds(console: Any, view: dict[str, Any], explain: bool) -> None:
         for r in view["this_node"]:
             detail = (f"gain {r['gain']:+.3f}, loss drop {r['loss_drop']:+.4f}, "
                       f"{'kept' if r['swapped'] else 'discarded'}" if "gain" in r
-                      else r.get("error") or (f"sent {r['sent']} answers" if "sent" in r else "under way"))
+                      else r.get("error") or (_sent(r) if "sent" in r else "under way"))
             mine.add_row(str(r["round"]), r["role"], _short(r["partner"]), detail)
         console.print(mine)
     if explain:

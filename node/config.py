@@ -61,6 +61,7 @@ class NodeConfig:
     learn_member_ttl_s: float = LearnSettings.member_ttl_s
     learn_transfer_prompts: int = LearnSettings.transfer_prompts
     learn_max_tokens: int = LearnSettings.max_tokens
+    learn_teacher_votes: int = LearnSettings.teacher_votes
     learn_local_steps: int = LearnSettings.local_steps
     learn_round_steps: int = LearnSettings.round_steps
     learn_lr: float = LearnSettings.lr
@@ -148,6 +149,8 @@ class NodeConfig:
             raise ConfigError("learn_round_interval_s is out of range")
         if not 1 <= self.learn_transfer_prompts <= 256 or not 1 <= self.learn_max_tokens <= 1024:
             raise ConfigError("learn_transfer_prompts must be in 1..256 and learn_max_tokens in 1..1024")
+        if not 1 <= self.learn_teacher_votes <= 15:
+            raise ConfigError("learn_teacher_votes must be in 1..15")
         if self.learn_local_steps < 1 or self.learn_round_steps < 1 or not 0 < self.learn_lr < 1:
             raise ConfigError("learn_local_steps and learn_round_steps must be at least 1, learn_lr in (0, 1)")
         if not 0 <= self.learn_min_training_share < 1:

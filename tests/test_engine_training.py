@@ -233,6 +233,27 @@ async def test_a_teacher_answers_within_its_models_context(tiny_llama_dir: Path)
         assert engine.status()["requests_failed"] == 0
 
 
+async def test_a_voting_teacher_samples_family_prompts_and_sends_only_agreed_answers(tiny_llama_dir: Path) -> None:
+    from knexa.node.learn import agent, tasks
+
+    family = tasks.transfer_set(4, seed=3)
+    prompts = [*family, QUESTION]
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        answers = await agent.teacher_answers(engine, None, prompts, max_tokens=6, seed=5, votes=3)
+        # Three samples of each family prompt, one of the prompt of no known category.
+        assert engine.status()["requests_served"] == 3 * len(family) + 1
+        once = await agent.teacher_answers(engine, None, prompts, max_tokens=6, seed=5)
+        samples = [await agent.teacher_answers(engine, None, prompts, max_tokens=6,
+                                               seed=5 + vote * agent.VOTE_SEED_STRIDE) for vote in range(3)]
+    assert len(answers) == len(prompts)
+    assert answers[-1] == once[-1]  # no vote where nothing can be compared
+    for i in range(len(family)):
+        agreed = tasks.majority([s[i] for s in samples])
+        assert answers[i] == (agreed or "")
+    with pytest.raises(ValueError):
+        await agent.teacher_answers(engine, None, prompts, max_tokens=6, seed=5, votes=0)
+
+
 async def test_requests_are_answered_while_the_shadow_trains(tiny_llama_dir: Path) -> None:
     """Structural, not timed: requests sent after training started finish while it still has steps left."""
     async with Engine.open(engine_config(tiny_llama_dir)) as engine:

@@ -58,6 +58,9 @@ def test_examples_are_deterministic_and_graded_by_their_own_answers() -> None:
         assert all(e.category == category for e in examples)
         assert all(tasks.grade(e, e.answer) for e in examples)
         assert all(tasks.category_of(e.prompt) == category for e in examples)
+    # Starting like a family prompt does not make one: its answer is not checkable, its skill not measured.
+    for other in ("What is the capital of France?", "Convert this recipe to metric.", "Reverse the word 'cat', then"):
+        assert tasks.category_of(other) == tasks.GENERAL
 
 
 def test_grade_is_lenient_about_form_but_not_content() -> None:
@@ -75,6 +78,28 @@ def test_grade_is_lenient_about_form_but_not_content() -> None:
     upper = tasks.Example("capital letters", "CAT", "strings")
     assert tasks.grade(upper, "CAT")
     assert not tasks.grade(upper, "cat")
+
+
+def test_teacher_votes_agree_on_what_grading_reads() -> None:
+    assert tasks.answer_key("2 + 3 = 5") == tasks.answer_key("The answer is 5.\nor 7") == tasks.answer_key("5.0")
+    assert tasks.answer_key("1,000 m") == tasks.answer_key("1000")
+    assert tasks.answer_key("-0") == tasks.answer_key("0")
+    assert tasks.answer_key("It is Wednesday.") == "Wednesday" and tasks.answer_key("...") is None
+    assert tasks.majority(["It is 5", "5", "6"]) == "It is 5"  # the first sample that gives the agreed answer
+    assert tasks.majority(["5", "6", "7"]) is None
+    assert tasks.majority(["5", "6"]) is None  # a tie is no majority
+    assert tasks.majority(["", "...", "5"]) is None  # samples with no answer count against agreement
+    assert tasks.majority(["CAT", "cat", "CAT"]) == "CAT"
+    assert tasks.majority([]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(expected=st.integers(-99, 9999), output=st.text(alphabet="0123456789-., =abcXYZ\n", max_size=24))
+def test_a_number_answer_key_is_right_exactly_when_grading_says_so(expected: int, output: str) -> None:
+    """Votes are counted on the key, grading compares with the expected answer: the two must read an answer
+    the same way, or an agreed answer could grade differently from the samples that agreed on it."""
+    example = tasks.Example("What is ...?", str(expected), "arithmetic")
+    assert tasks.grade(example, output) == (tasks.answer_key(output) == repr(float(expected)))
 
 
 def test_dirichlet_split_deals_every_example_once_and_skews_skills() -> None:

@@ -92,6 +92,7 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ('device = "tpu"\n', "device"),
         ("learn_public_validation = -1\n", "learn_public_validation"),
         ("learn_min_training_share = 1\n", "learn_min_training_share"),
+        ("learn_teacher_votes = 0\n", "learn_teacher_votes must be in 1..15"),
         ('learn_transfer_file = "/no/such/transfer.jsonl"\n', "learn_transfer_file: cannot read"),
         ('kv_fetch = "sometimes"\n', "kv_fetch must be auto, always or never"),
         ("kv_block = 0\n", "kv_block must be positive"),

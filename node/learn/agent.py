@@ -19,7 +19,7 @@ from knexa.node.engine import (
     TrainReport,
     TrainSpec,
 )
-from knexa.node.learn.tasks import Example, grade, skill_scores
+from knexa.node.learn.tasks import GENERAL, Example, category_of, grade, majority, skill_scores
 
 EVAL_MAX_TOKENS = 16
 EVAL_CONCURRENCY = 8
@@ -127,19 +127,35 @@ async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Examp
     return Evaluation(accuracy, skill_scores(results), results, sum(losses) / len(losses) if losses else 0.0)
 
 
+# Seeds of a prompt's further samples, far from the next prompts' first ones.
+VOTE_SEED_STRIDE = 100_003
+
+
 async def teacher_answers(engine: Engine, adapter: str | None, prompts: Sequence[str], max_tokens: int,
-                          seed: int, concurrency: int = EVAL_CONCURRENCY) -> list[str]:
-    """The teacher's answers to the public transfer set, sampled as KNEXA-FL samples them."""
+                          seed: int, concurrency: int = EVAL_CONCURRENCY, votes: int = 1) -> list[str]:
+    """The teacher's answers to the public transfer set, sampled as KNEXA-FL samples them. With votes > 1, each
+    prompt of the task family is sampled that many times and answered only where most samples agree (else "",
+    which a student does not learn): a small teacher's agreed answers are right far more often than one sample
+    (bench/distill_pairs.py). Other prompts have no answer to compare, and get one sample."""
+    if votes < 1:
+        raise ValueError("votes must be at least 1")
     # Each answer gets what the model's context leaves, up to max_tokens (a small model's context can be
     # shorter than the brief's 256 answer tokens); a prompt that fills it alone gets no answer.
     budgets = [min(max_tokens, engine.room_for_answer(user_turn(p))) for p in prompts]
+    wanted = [(i, vote) for i, (p, budget) in enumerate(zip(prompts, budgets, strict=True)) if budget > 0
+              for vote in range(votes if category_of(p) != GENERAL else 1)]
     requests = [
-        GenerationRequest(messages=user_turn(p), adapter=adapter,
-                          params=SamplingParams(max_new_tokens=budget, seed=seed + i, **TEACHER_SAMPLING))
-        for i, (p, budget) in enumerate(zip(prompts, budgets, strict=True)) if budget > 0
+        GenerationRequest(messages=user_turn(prompts[i]), adapter=adapter,
+                          params=SamplingParams(max_new_tokens=budgets[i], seed=seed + i + vote * VOTE_SEED_STRIDE,
+                                                **TEACHER_SAMPLING))
+        for i, vote in wanted
     ]
-    answers = iter(await _map_generate(engine, requests, concurrency))
-    return [next(answers).strip() if budget > 0 else "" for budget in budgets]
+    samples: list[list[str]] = [[] for _ in prompts]
+    for (i, _), output in zip(wanted, await _map_generate(engine, requests, concurrency), strict=True):
+        samples[i].append(output.strip())
+    if votes == 1:
+        return [s[0] if s else "" for s in samples]
+    return [(majority(s) or "") if len(s) > 1 else (s[0] if s else "") for s in samples]
 
 
 def mixed_examples(own: Sequence[Example], distilled: Sequence[tuple[str, str]], alpha: float) -> list[TrainExample]:

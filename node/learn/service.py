@@ -506,7 +506,7 @@ class LearnService:
             engine = self._engine()
             prompts = await self._transfer_prompts(plan.transfer_seed)
             answers = await learner.teacher_answers(engine, LIVE_ADAPTER, prompts, s.max_tokens,
-                                                    seed=plan.round_no * 7919)
+                                                    seed=plan.round_no * 7919, votes=s.teacher_votes)
             transfer = TransferSet(plan.round_no, self.peer_id, student, tuple(zip(prompts, answers, strict=True)))
             payload = sign_payload(self.key_pair, TRANSFER_TOPIC, transfer.to_bytes(),
                                    recipient=PeerID.from_base58(student))
@@ -517,7 +517,8 @@ class LearnService:
                         reply = await self.rpc.call(PeerID.from_base58(student), METHOD_TRANSFER,
                                                     TransferCall(round_no=plan.round_no, payload=payload),
                                                     timeout=TRANSFER_TIMEOUT_S, response_model=TransferReply)
-                        record.detail = {"sent": len(answers), "accepted": reply.accepted, "detail": reply.detail}
+                        record.detail = {"sent": len(answers), "answered": sum(1 for a in answers if a),
+                                         "accepted": reply.accepted, "detail": reply.detail}
                         return
                     except RpcError as exc:
                         record.detail = {"error": f"{exc.code.name.lower()}: {exc}"}

@@ -14,6 +14,7 @@ class LearnSettings:
     member_ttl_s: float = 120.0  # membership records expire unless refreshed
     transfer_prompts: int = 32  # public prompts a teacher answers per round
     max_tokens: int = 256  # per teacher answer
+    teacher_votes: int = 1  # samples per transfer prompt; >1: a teacher sends only answers most samples agree on
     local_steps: int = 60  # training steps on the node's own data
     round_steps: int = 30  # training steps of a student per round
     lr: float = 1e-3

@@ -111,12 +111,21 @@ def uses_task_family(examples: Iterable[Example]) -> bool:
     return any(e.category in CATEGORIES for e in examples)
 
 
+# The generators' wordings: a prompt that only starts the same way ("What is the capital of France?") is not
+# one of them, and must not be filtered or voted on as if its answer were checkable.
+_TEMPLATES = (
+    ("arithmetic", re.compile(r"What is \d+ [+-] \d+\? Answer with the number only\.")),
+    ("units", re.compile(r"Convert \d+ [a-z]+ to [a-z]+\. Answer with the number only\.")),
+    ("strings", re.compile(r"(Write the word '[a-z]+' in capital letters|Reverse the word '[a-z]+')\. "
+                           r"Answer with the word only\.")),
+    ("dates", re.compile(r"What day of the week comes \d+ days? after [A-Z][a-z]+day\? Answer with the day only\.")),
+)
+
+
 def category_of(prompt: str) -> str:
-    """The category of a prompt of this family, from its wording."""
-    for example_category, marker in (
-        ("arithmetic", "What is "), ("units", "Convert "), ("dates", "day of the week"), ("strings", "the word '"),
-    ):
-        if marker in prompt:
+    """The category of a prompt of this family, from its wording; GENERAL for any other prompt."""
+    for example_category, template in _TEMPLATES:
+        if template.fullmatch(prompt.strip()):
             return example_category
     return GENERAL
 
@@ -143,21 +152,55 @@ def answers_worth_learning(
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+def _first_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else ""
+
+
+def _last_number(line: str) -> float | None:
+    numbers = _NUMBER.findall(line.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def _words(line: str) -> list[str]:
+    return re.findall(r"[A-Za-z]+", line)
+
+
 def grade(example: Example, output: str) -> bool:
     """The last number (or word) on the first line of the output must be the answer: lenient about form
     ("17 + 25 = 42", "The answer is 42."), strict about content (echoing the question does not pass)."""
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    first = lines[0].strip() if lines else ""
+    first = _first_line(output)
     expected = example.answer.strip()
     if _NUMBER.fullmatch(expected):
-        numbers = _NUMBER.findall(first.replace(",", ""))
-        return bool(numbers) and float(numbers[-1]) == float(expected)
-    words = re.findall(r"[A-Za-z]+", first)
+        number = _last_number(first)
+        return number is not None and number == float(expected)
+    words = _words(first)
     if not words:
         return False
     if example.category == "strings":
         return words[-1] == expected  # case matters for the capital-letters task
     return words[-1].lower() == expected.lower()
+
+
+def answer_key(output: str) -> str | None:
+    """What grading would read from an answer without knowing the expected one: the last number of its first
+    line, or else the last word (None: neither)."""
+    first = _first_line(output)
+    number = _last_number(first)
+    if number is not None:
+        return repr(number + 0.0)  # -0 and 0 grade the same
+    words = _words(first)
+    return words[-1] if words else None
+
+
+def majority(outputs: Sequence[str]) -> str | None:
+    """The first of the samples whose answer more than half of them give, or None where they disagree."""
+    keys = [answer_key(o) for o in outputs]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    key, count = counts.most_common(1)[0]
+    return outputs[keys.index(key)] if count * 2 > len(outputs) else None
 
 
 def dirichlet_split(
