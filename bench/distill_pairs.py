@@ -24,6 +24,8 @@ answers; the daemon's need not), and so are the ones the answer filter passes to
     python bench/distill_pairs.py --threads 2 --agents 6 --votes 5 --filter lead+voted --alone out.json \
         --json voted.json                                 # the pairs again, learning only agreed answers
     python bench/distill_pairs.py --merge voted.json --baseline out.json              # pair by pair
+    python bench/distill_pairs.py --threads 2 --agents 6 --answers self --alone out.json --json self.json
+                                                      # students learn their own answers to the same prompts
 """
 
 from __future__ import annotations
@@ -243,6 +245,10 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         given = voted_answers[t.index] if args.filter == "lead+voted" else answers[t.index]
         useful = [(prompt, answer) for prompt, answer in tasks.answers_worth_learning(
             zip(prompts, given, strict=True), evaluations[t.index].skills, evaluations[s.index].skills) if answer]
+        if args.answers == "self":
+            # The control: the same prompts, answered by the student itself, sampled as a teacher samples.
+            own = dict(zip(prompts, answers[s.index], strict=True))
+            useful = [(prompt, own[prompt]) for prompt, _ in useful if own[prompt]]
         right = sum(tasks.grade(reference[prompt], answer) for prompt, answer in useful)
         filtered.append({"teacher": t.index, "student": s.index, "lead": lead, "answers": len(useful),
                          "right": right})
@@ -447,6 +453,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--filter", choices=("lead", "lead+voted"), default="lead",
                         help="the teacher answers a student learns: the daemon's (categories where the teacher "
                              "leads), or of those the ones most of --votes samples agree on")
+    parser.add_argument("--answers", choices=("teacher", "self"), default="teacher",
+                        help="self: each student learns its own sampled answers to the prompts its teacher's "
+                             "filtered answers cover (a control: what the teacher's answers add beyond the prompts)")
     parser.add_argument("--alone", nargs="+", default=None, metavar="JSON",
                         help="take the alone outcomes from earlier runs' --json files instead of training them")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="JSON",
