@@ -243,8 +243,8 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         t, s = by_name[teacher.peer_id], by_name[student.peer_id]
         lead = sum(teacher_lead(teacher.vector, student.vector).values())
         given = voted_answers[t.index] if args.filter == "lead+voted" else answers[t.index]
-        useful = [(prompt, answer) for prompt, answer in tasks.answers_worth_learning(
-            zip(prompts, given, strict=True), evaluations[t.index].skills, evaluations[s.index].skills) if answer]
+        useful = tasks.answers_worth_learning(zip(prompts, given, strict=True), evaluations[t.index].skills,
+                                              evaluations[s.index].skills)
         if args.answers == "self":
             # The control: the same prompts, answered by the student itself, sampled as a teacher samples.
             own = dict(zip(prompts, answers[s.index], strict=True))

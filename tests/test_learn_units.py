@@ -183,6 +183,7 @@ def test_a_student_learns_only_what_its_teacher_validated_better() -> None:
     assert tasks.answers_worth_learning(answers, teacher, student) == [(units, "3000")]
     # Unclassified prompts with no teacher score to judge them by are kept.
     assert tasks.answers_worth_learning(answers[3:], {}, student) == answers[3:]
+    assert tasks.answers_worth_learning([(units, " "), (units, "")], teacher, student) == []  # left unanswered
 
 
 def test_the_shared_validation_set_is_the_same_everywhere_and_covers_every_category() -> None:

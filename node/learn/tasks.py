@@ -136,9 +136,12 @@ def answers_worth_learning(
     """The teacher's answers in the categories where it validated better than the student (a category the
     student never validated counts as 0). A skewed peer's answers outside its own skills are mostly wrong and
     would train the student away from what it already does well. Prompts of no known category are kept when
-    the teacher has no score to judge them by."""
+    the teacher has no score to judge them by. An empty answer (a prompt the teacher left unanswered) is never
+    kept."""
     kept = []
     for prompt, answer in answers:
+        if not answer.strip():
+            continue
         category = category_of(prompt)
         teacher = teacher_skills.get(category)
         if teacher is None:
