@@ -162,13 +162,11 @@ async def alone_outcomes(engine: Engine, agents: list[Agent], evaluations: dict[
 
 
 async def reused_alone(engine: Engine, agents: list[Agent], test: list[tasks.Example], warm: Path,
-                       args: argparse.Namespace, seed: int) -> dict[int, AgentOutcome]:
+                       args: argparse.Namespace, seed: int, earlier: dict[int, dict]) -> dict[int, AgentOutcome]:
     """The alone outcomes of an earlier run of this seed (`--alone`): a filter changes only the pairs. The
     warmed-up adapters must test as they did then, or the earlier training runs are not this run's; one or two
     greedy answers may differ (bfloat16 batches of another composition: another process on the cores changes
     which requests are decoded together), more may not."""
-    earlier = {r["seed"]: r for path in args.alone
-               for r in json.loads(await trio.Path(path).read_text())["seeds"]}
     if seed not in earlier or not earlier[seed].get("agents"):
         raise SystemExit(f"--alone: no alone outcomes of seed {seed} in {args.alone}")
     alone = {int(i): AgentOutcome(**o) for i, o in earlier[seed]["agents"].items()}
@@ -187,7 +185,8 @@ async def reused_alone(engine: Engine, agents: list[Agent], test: list[tasks.Exa
     return alone
 
 
-async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path) -> dict:
+async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch: Path,
+                   earlier: dict[int, dict]) -> dict:
     agents, test = make_agents(args, seed)
     warm = scratch / f"warm-{seed}"
     started = time.perf_counter()
@@ -206,7 +205,7 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
     if args.teachers_only:
         alone = {}
     elif args.alone:
-        alone = await reused_alone(engine, agents, test, warm, args, seed)
+        alone = await reused_alone(engine, agents, test, warm, args, seed, earlier)
     else:
         alone = await alone_outcomes(engine, agents, evaluations, test, warm, args, seed)
     transfer = tasks.transfer_examples(args.transfer, seed * 1000 + ROUND)
@@ -430,14 +429,20 @@ def compare(baseline: list[dict], results: list[dict]) -> None:
     print(f"  shadows kept: {kept[0]} (baseline {kept[1]})")
 
 
+def saved_seeds(paths: Sequence[str]) -> list[dict]:
+    """The per-seed results of earlier runs' --json files."""
+    return [seed for path in paths for seed in json.loads(Path(path).read_text())["seeds"]]
+
+
 async def main(args: argparse.Namespace) -> list[dict]:
     results = []
+    earlier = {r["seed"]: r for r in await trio.to_thread.run_sync(saved_seeds, args.alone or [])}
     with tempfile.TemporaryDirectory(prefix="knexa-pairs-") as scratch:
         async with Engine.open(engine_config(args)) as engine:
             status = engine.status()
             print(f"model {status['model']['name']} on {status['device']} ({status['dtype']})", flush=True)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                results.append(await run_seed(engine, args, seed, Path(scratch)))
+                results.append(await run_seed(engine, args, seed, Path(scratch), earlier))
                 if args.json:
                     await trio.Path(args.json).write_text(json.dumps({"args": vars(args), "seeds": results},
                                                                      indent=1))
@@ -473,12 +478,11 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.merge:
-        merged = [seed for path in arguments.merge for seed in json.loads(Path(path).read_text())["seeds"]]
+        merged = saved_seeds(arguments.merge)
         for seed_result in merged:
             summarise(seed_result)
         report(merged)
         if arguments.baseline:
-            compare([seed for path in arguments.baseline for seed in json.loads(Path(path).read_text())["seeds"]],
-                    merged)
+            compare(saved_seeds(arguments.baseline), merged)
     else:
         trio.run(main, arguments)
