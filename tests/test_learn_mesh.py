@@ -143,8 +143,9 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
         explained = daemons[1].learn.rounds_view(explain=True)["explain"]  # every pair of the 4 members, scored
         assert len(explained) == 6 and all(r["ucb"] == pytest.approx(r["mean"] + r["width"]) for r in explained)
         assert all(all(v > 0 for v in r["lead"].values()) for r in explained)
-        # Every node checked each honest state against the one it followed before, and refused none.
-        assert not [r for d in daemons for r in d.learn.rejected if r.startswith("matchmaker state")]
+        # Every node checked each honest state against the one it followed before (and each plan's pairs
+        # against its bandit), and refused none.
+        assert not [r for d in daemons for r in d.learn.rejected if r.startswith(("matchmaker state", "plan", "pair"))]
         assert any(d.learn.states_checked for d in daemons)
         for daemon in daemons:
             if daemon.peer_id in students:
@@ -244,7 +245,7 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
         # every node has seen it): every node refuses it and follows the honest one.
         liar = Ledger(KEY_PAIRS[7])
         far = dataclasses.replace(MatchmakerState.initial(), round_no=2**62 - 1)
-        far = next_plan(far, [], liar.peer_id, int(time.time() * 1000), 25.0)
+        far = next_plan(far, list(daemons[0].learn.members().values()), liar.peer_id, int(time.time() * 1000), 25.0)
         entry = liar.put_learn("state", far.to_dict(), None)
         for daemon in daemons:
             daemon.ledger.merge([entry])

@@ -21,8 +21,10 @@ from knexa.node.learn.linucb import (
     LinUCB,
     PairChoice,
     RewardScaler,
+    choice_rejection,
     new_bandit,
     node_dim,
+    oriented,
     pair_context,
     pair_dim,
     plan_pairs,
@@ -46,6 +48,7 @@ from knexa.node.learn.rounds import (
     round_timing,
     state_rejection,
     succession_rejection,
+    turn_rejection,
 )
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -357,6 +360,49 @@ def test_linucb_finds_complementary_pairs_in_few_rounds() -> None:
     assert totals["linucb"] > 1.08 * totals["random"], totals
 
 
+def _trained_bandit(candidates: list[Candidate], seed: int) -> LinUCB:
+    bandit, rng = new_bandit(), random.Random(seed)
+    for round_no in range(1, 4):
+        for p in plan_pairs(candidates, bandit, round_no):
+            bandit.update(p.context, rng.gauss(0, 1))
+    return bandit
+
+
+def _paired(teacher: Candidate, student: Candidate, bandit: LinUCB, round_no: int) -> PairChoice:
+    x = pair_context(teacher.vector, student.vector)
+    score = bandit.score(x, round_no)
+    return PairChoice(teacher.peer_id, student.peer_id, tuple(float(v) for v in x), score.mean, score.width)
+
+
+def test_a_plan_must_pair_the_members_it_names_as_the_bandit_chooses() -> None:
+    """Honest plans pass for any number of members (odd: the one left out changes nothing); a matching of the
+    matchmaker's own choosing, a student teaching, a score or a lead that the bandit did not give are refused."""
+    for n, seed in ((2, 0), (5, 1), (6, 2), (9, 3)):
+        candidates = _candidates(n, seed)
+        bandit = _trained_bandit(candidates, seed)
+        assert choice_rejection(plan_pairs(candidates, bandit, 4), bandit, 4) is None
+    candidates = _candidates(6, 7)
+    bandit = _trained_bandit(candidates, 7)
+    chosen = plan_pairs(candidates, bandit, 4)
+    by_id = {c.peer_id: c for c in candidates}
+    # The same members, paired otherwise: each pair scored and oriented honestly, the matching not greedy.
+    (a, b), (c, d) = ((p.teacher, p.student) for p in chosen[:2])
+    rematched = [_paired(*oriented(by_id[a], by_id[c]), bandit, 4), _paired(*oriented(by_id[b], by_id[d]), bandit, 4),
+                 *chosen[2:]]
+    assert "greedy choice" in choice_rejection(rematched, bandit, 4)
+    flipped = [_paired(by_id[chosen[0].student], by_id[chosen[0].teacher], bandit, 4), *chosen[1:]]
+    assert "better performer" in choice_rejection(flipped, bandit, 4)
+    puffed = [dataclasses.replace(chosen[0], mean=chosen[0].mean + 1.0), *chosen[1:]]
+    assert "scored otherwise" in choice_rejection(puffed, bandit, 4)
+    assert "scored otherwise" in choice_rejection(chosen, bandit, 1)  # another round's width
+    context = list(chosen[0].context)
+    context[-1] += 0.5  # a lead the two profiles do not give
+    assert "lead" in choice_rejection([dataclasses.replace(chosen[0], context=tuple(context)), *chosen[1:]], bandit, 4)
+    assert "no pairs" in choice_rejection([], bandit, 4)
+    short = [dataclasses.replace(chosen[0], context=chosen[0].context[:-1]), *chosen[1:]]
+    assert "layout" in choice_rejection(short, bandit, 4)
+
+
 def test_a_state_of_another_context_layout_is_refused() -> None:
     raw = MatchmakerState.initial().to_dict()
     raw["bandit"] = LinUCB(2 * node_dim()).to_dict()  # concatenated profiles only, as before the lead was added
@@ -383,15 +429,17 @@ def test_reward_scaler_z_scores_against_past_gains() -> None:
 # -- rounds ------------------------------------------------------------------------------------------
 
 
-def test_matchmaker_order_is_a_deterministic_rotation() -> None:
-    members = ["c", "a", "d", "b"]
-    for round_no in range(1, 20):
+def test_matchmaker_order_is_deterministic_and_agrees_across_views_of_the_members() -> None:
+    members = ["c", "a", "d", "b", "e"]
+    for round_no in range(1, 30):
         order = matchmaker_order(round_no, members)
-        assert sorted(order) == ["a", "b", "c", "d"]
-        start = order.index("a")
-        assert order[start:] + order[:start] == ["a", "b", "c", "d"]
-        assert matchmaker_order(round_no, list(reversed(members))) == order
-    assert len({matchmaker_order(r, members)[0] for r in range(1, 40)}) == 4  # the duty moves around
+        assert sorted(order) == sorted(members)
+        assert matchmaker_order(round_no, list(reversed(members)) + ["a"]) == order
+        # A node that does not know of a member ranks the others as every node does.
+        for missing in members:
+            assert matchmaker_order(round_no, [m for m in members if m != missing]) == [
+                m for m in order if m != missing]
+    assert len({matchmaker_order(r, members)[0] for r in range(1, 60)}) == 5  # the duty moves around
     assert matchmaker_order(1, []) == []
 
 
@@ -527,11 +575,15 @@ def test_a_state_must_be_its_parent_closed_with_the_rewards_the_students_signed(
 
 
 def test_a_plan_cannot_choose_its_alpha_or_transfer_seed_or_end_before_it_begins() -> None:
-    plan = _state_at(3, "a").plan
-    assert plan_rejection(plan) is None
-    assert "alpha" in plan_rejection(dataclasses.replace(plan, alpha=1.0))
-    assert "transfer seed" in plan_rejection(dataclasses.replace(plan, transfer_seed=99))
-    assert "deadline" in plan_rejection(dataclasses.replace(plan, deadline_ms=plan.created_ms - 1))
+    state = _state_at(3, "a")
+    plan, bandit = state.plan, state.bandit
+    assert plan_rejection(plan, bandit) is None
+    assert "alpha" in plan_rejection(dataclasses.replace(plan, alpha=1.0), bandit)
+    assert "transfer seed" in plan_rejection(dataclasses.replace(plan, transfer_seed=99), bandit)
+    assert "deadline" in plan_rejection(dataclasses.replace(plan, deadline_ms=plan.created_ms - 1), bandit)
+    taught = LinUCB.from_dict(bandit.to_dict())
+    taught.update(plan.pairs[0].context, 2.0)
+    assert "scored otherwise" in plan_rejection(plan, taught)  # the pairs are the choice of the state's bandit
 
 
 def test_a_lying_member_state_is_refused_and_the_honest_one_followed(tmp_path: Path) -> None:
@@ -572,9 +624,73 @@ def test_a_lying_member_state_is_refused_and_the_honest_one_followed(tmp_path: P
     rewritten = next_plan(dataclasses.replace(closed, bandit=learned), _candidates(4), liar.peer_id, now, 60)
     assert follows_after(rewritten).plan.matchmaker == honest.peer_id
     assert service.rejected["matchmaker state whose bandit is not its rewards' result"] == 1
+    # Closed honestly, but paired as the liar likes: each pair scored by the bandit, the matching not its choice.
+    honest_plan = next_plan(closed, _candidates(4), liar.peer_id, now, 60).plan
+    by_id = {c.peer_id: c for c in _candidates(4)}
+    (a, b), (c, d) = ((p.teacher, p.student) for p in honest_plan.pairs)
+    own_pairs = (_paired(*oriented(by_id[a], by_id[c]), closed.bandit, 4),
+                 _paired(*oriented(by_id[b], by_id[d]), closed.bandit, 4))
+    hand_picked = dataclasses.replace(closed, round_no=4, plan=dataclasses.replace(honest_plan, pairs=own_pairs))
+    assert follows_after(hand_picked).plan.matchmaker == honest.peer_id
+    assert service.rejected["plan whose pairs are not the bandit's greedy choice"] == 1
     endless = follows_after(next_plan(closed, _candidates(4), liar.peer_id, now, 10**7))  # one ahead: allowed
     assert endless.plan.matchmaker == liar.peer_id and endless.round_no == 4
     assert endless.plan.deadline_ms == now + int(service.settings.round_deadline_s * 1000)  # held no longer
+
+
+def test_a_plan_made_out_of_turn_waits_for_its_authors_turn_and_ranks_after_earlier_ones() -> None:
+    members = [f"peer{i}" for i in range(5)]
+    order = matchmaker_order(4, members)
+    plans = {peer: _state_at(4, peer) for peer in members}
+    period = 30.0
+    assert turn_rejection(plans[order[0]], members, None, period) is None  # the first plans at once
+    assert "turn" in turn_rejection(plans[order[2]], members, None, period)  # the round is not over here yet
+    assert "turn" in turn_rejection(plans[order[2]], members, 40.0, period)  # the third acts after two periods
+    assert turn_rejection(plans[order[2]], members, 45.0, period) is None  # (less half a period of slack)
+    # A member this node does not know of stands where every node ranks it.
+    assert turn_rejection(plans[order[0]], order[1:], None, period) is None
+    assert "turn" in turn_rejection(plans[order[1]], [order[0], order[2]], 0.0, period)
+    assert turn_rejection(plans[order[1]], [order[2], order[3]], None, period) is None
+    # Of two plans for a round, the one whose author comes first is followed, whatever their dates.
+    late_first = _state_at(4, order[0], now_ms=1_000)
+    early_second = _state_at(4, order[1], now_ms=50_000)
+    assert newest_state([early_second, late_first]) is late_first
+    assert newest_state([late_first, early_second]) is late_first
+    assert newest_state([late_first, _state_at(5, order[4])]).round_no == 5
+
+
+def test_an_out_of_turn_plan_is_held_and_the_first_members_plan_followed(tmp_path: Path) -> None:
+    """A member in the rounds, on real ledgers (the RPC registry is a stand-in, as above): round 3 is over,
+    the last member in round 4's order plans at once, dated later; this node waits for the first's plan."""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
+
+    ledgers = {ledger.peer_id: ledger for ledger in (Ledger(KEY_PAIRS[i]) for i in range(4))}
+    order = matchmaker_order(4, list(ledgers))
+    first, me, last = ledgers[order[0]], ledgers[order[1]], ledgers[order[-1]]
+    now = int(time.time() * 1000)
+    round3 = _state_at(3, me.peer_id, now - 120_000, deadline_s=60)  # its deadline has passed
+    me.merge([me.put_learn("state", round3.to_dict(), None),
+              *(ledger.put_learn("member", {"accuracy": 0.5, "skills": {}, "round": 3}, None)
+                for ledger in ledgers.values())])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
+    service.phase = "enrolled"  # as after `learn` (no engine here)
+    assert service.current_state() is not None
+    service._followed = 3
+    closed, _ = close_round(round3, {})
+    me.merge([last.put_learn("state", next_plan(closed, _candidates(4), last.peer_id, now + 30_000, 60).to_dict(),
+                             None)])
+    assert service.current_state().round_no == 3  # held: not refused, not followed
+    assert not service.rejected
+    service._finished_seen[4] = time.monotonic() - 10 * service.settings.takeover_s  # its turn has come
+    assert service.current_state().plan.matchmaker == last.peer_id
+    me.merge([first.put_learn("state", next_plan(closed, _candidates(4), first.peer_id, now, 60).to_dict(), None)])
+    assert service.current_state().plan.matchmaker == first.peer_id
+    assert not service.rejected
 
 
 def test_a_joining_node_checks_a_state_against_the_ledgers_state_of_the_round_before(tmp_path: Path) -> None:

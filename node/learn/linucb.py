@@ -216,6 +216,45 @@ def plan_pairs(candidates: Sequence[Candidate], bandit: LinUCB, round_no: int) -
     return _disjoint(scored, len(candidates) // 2)
 
 
+def choice_rejection(pairs: Sequence[PairChoice], bandit: LinUCB, round_no: int,
+                     categories: Sequence[str] = CATEGORIES) -> str | None:
+    """Why `pairs` are not what `plan_pairs` chooses with this bandit in this round among the members they
+    name (each as its pair's context states it), or None. A matchmaker that could pair members as it liked
+    would choose who teaches whom; what it can still choose is whom it names and the profiles it states
+    for them (each node's view of the members differs for a while, so a plan cannot be held to one)."""
+    if not pairs:
+        return "plan with no pairs"
+    n = node_dim(categories)
+    named: list[Candidate] = []
+    for pair in pairs:
+        x = np.asarray(pair.context, dtype=float)
+        if x.shape != (pair_dim(categories),):
+            return "pair context of another layout"
+        teacher, student = x[:n], x[n:2 * n]
+        if teacher[-1] != 1.0 or student[-1] != 1.0 or not np.allclose(x, pair_context(teacher, student),
+                                                                          rtol=0.0, atol=1e-12):
+            return "pair context that is not two profiles and the teacher's lead"
+        t = Candidate(pair.teacher, teacher, float(teacher[-2]))
+        s = Candidate(pair.student, student, float(student[-2]))
+        if oriented(t, s)[0] is not t:
+            return "pair whose teacher is not the better performer"
+        score = bandit.score(x, round_no)
+        if not (_same_score(score.mean, pair.mean) and _same_score(score.width, pair.width)):
+            return "pair scored otherwise than the bandit scores it"
+        named += [t, s]
+    if _couples(plan_pairs(named, bandit, round_no)) != _couples(pairs):
+        return "plan whose pairs are not the bandit's greedy choice"
+    return None
+
+
+def _same_score(x: float, y: float) -> bool:
+    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _couples(pairs: Sequence[PairChoice]) -> set[tuple[str, str]]:
+    return {(p.teacher, p.student) for p in pairs}
+
+
 def random_pairs(candidates: Sequence[Candidate], rng: random.Random) -> list[PairChoice]:
     """The baseline: disjoint pairs drawn at random, oriented the same way."""
     pool = sorted(candidates, key=lambda c: c.peer_id)

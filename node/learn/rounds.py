@@ -18,7 +18,16 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from knexa.node.learn.linucb import Candidate, LinUCB, PairChoice, RewardScaler, new_bandit, pair_dim, plan_pairs
+from knexa.node.learn.linucb import (
+    Candidate,
+    LinUCB,
+    PairChoice,
+    RewardScaler,
+    choice_rejection,
+    new_bandit,
+    pair_dim,
+    plan_pairs,
+)
 
 ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
 HISTORY_ROUNDS = 20
@@ -29,13 +38,35 @@ MAX_LOSS_DROP = 20.0
 MAX_CLOCK_SKEW_MS = 60_000  # how far ahead of this node's clock a plan's date may be
 
 
+# How much earlier than this node's clock says a matchmaker may take its turn, in takeover periods: members
+# see a round end a tick or a ledger sync apart.
+TURN_SLACK = 0.5
+
+
+def _rank(round_no: int, peer: str) -> tuple[bytes, str]:
+    return hashlib.sha256(f"{round_no}/{peer}".encode()).digest(), peer
+
+
 def matchmaker_order(round_no: int, members: Sequence[str]) -> list[str]:
-    """Who runs round `round_no`: the first of this list; the i-th takes over after i takeover periods."""
-    ordered = sorted(set(members))
-    if not ordered:
-        return []
-    start = int.from_bytes(hashlib.sha256(str(round_no).encode()).digest()[:8], "big") % len(ordered)
-    return ordered[start:] + ordered[:start]
+    """Who runs round `round_no`: the first of this list; the i-th takes over after i takeover periods.
+    Members are ranked by a hash of the round and their id, so any two of them stand in the same order
+    whichever other members a node knows of: nodes whose views of the membership differ (a member joining
+    or expiring) still agree on who runs the round unless that member is the one they differ by."""
+    return sorted(set(members), key=lambda peer: _rank(round_no, peer))
+
+
+def turn_rejection(state: MatchmakerState, members: Sequence[str], open_for_s: float | None,
+                   takeover_s: float) -> str | None:
+    """Why this node must not follow `state`, a plan for the round after the one it follows, yet, or None:
+    its author's turn has not come. The i-th of `matchmaker_order` plans after i takeover periods; a plan
+    made before that (a member planning out of turn, to pick the round's pairs) waits here for as long as its
+    author's place says, so that the members before it plan first, and their plans rank before it
+    (`newest_state`). `open_for_s`: how long this node has seen the round open for planning (None: not yet)."""
+    author = state.plan.matchmaker if state.plan is not None else ""
+    rank = matchmaker_order(state.round_no, [*members, author]).index(author)
+    if rank == 0 or (open_for_s is not None and open_for_s >= (rank - TURN_SLACK) * takeover_s):
+        return None
+    return "matchmaker state planned before its author's turn"
 
 
 def alpha_for(round_no: int) -> float:
@@ -224,16 +255,17 @@ def fit_state(state: MatchmakerState, max_bytes: int) -> MatchmakerState:
     return state if history is state.history else replace(state, history=history)
 
 
-def plan_rejection(plan: RoundPlan) -> str | None:
-    """Why a plan is not one the rounds' own rules could have made, or None. The alpha and the transfer seed
-    follow from the round number: a matchmaker that chose them could choose what students learn."""
+def plan_rejection(plan: RoundPlan, bandit: LinUCB) -> str | None:
+    """Why a plan is not one the rounds' own rules could have made with `bandit` (its state's), or None. The
+    alpha and the transfer seed follow from the round number: a matchmaker that chose them could choose
+    what students learn. The pairs must be the bandit's choice (`choice_rejection`)."""
     if abs(plan.alpha - alpha_for(plan.round_no)) > 1e-9:
         return "plan with another alpha than its round's"
     if plan.transfer_seed != transfer_seed_of(plan.round_no):
         return "plan with another transfer seed than its round's"
     if plan.deadline_ms < plan.created_ms:
         return "plan whose deadline comes before it was made"
-    return None
+    return choice_rejection(plan.pairs, bandit, plan.round_no)
 
 
 def capped_deadline(plan: RoundPlan, max_round_s: float) -> RoundPlan:
@@ -337,11 +369,19 @@ def _same_record(mine: RoundRecord, theirs: RoundRecord) -> bool:
 
 
 def newest_state(states: Iterable[MatchmakerState]) -> MatchmakerState | None:
+    """The state of the latest round; of two for the same round (matchmakers that raced, or one that planned
+    out of turn), the one whose matchmaker comes first in `matchmaker_order` (not the later plan: a plan's
+    date is its author's word)."""
     best: MatchmakerState | None = None
     for state in states:
-        if best is None or (state.round_no, state.created_ms) > (best.round_no, best.created_ms):
+        if best is None or state.round_no > best.round_no or (
+                state.round_no == best.round_no and _state_rank(state) < _state_rank(best)):
             best = state
     return best
+
+
+def _state_rank(state: MatchmakerState) -> tuple[bytes, str]:
+    return _rank(state.round_no, state.plan.matchmaker if state.plan is not None else "")
 
 
 def reward_rejection(plan: RoundPlan, report: RewardReport, author: str) -> str | None:

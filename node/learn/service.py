@@ -59,6 +59,7 @@ from knexa.node.learn.rounds import (
     state_rejection,
     succession_rejection,
     transfer_seed_of,
+    turn_rejection,
 )
 from knexa.node.learn.settings import LearnSettings
 from knexa.node.learn.wire import (
@@ -133,7 +134,7 @@ def _parse_state(author: str, record: object, max_round_s: float) -> MatchmakerS
         return state
     if state.plan.matchmaker != author:
         raise RecordRefused("state naming another matchmaker")
-    if (reason := plan_rejection(state.plan)) is not None:
+    if (reason := plan_rejection(state.plan, state.bandit)) is not None:
         raise RecordRefused(reason)
     return replace(state, plan=capped_deadline(state.plan, max_round_s))
 
@@ -383,6 +384,10 @@ class LearnService:
             reason = state_rejection(state, author, followed, self.peer_id, now_ms)
             if reason is None:
                 reason = self._succession_rejection(state, author, signed, followed, states)
+            if reason is None and (held := self._turn_rejection(state, list(followed))) is not None:
+                if _first_time(self._refused_states, (author, state.round_no, held)):
+                    log.info('event=state_held author=%s round=%d reason="%s"', author, state.round_no, held)
+                continue  # not refused: it may be followed once its author's turn has come
             if reason is None:
                 usable.append(state)
             elif _first_time(self._refused_states, (author, state.round_no, reason)):
@@ -413,6 +418,16 @@ class LearnService:
             if (quorum_round(followed, author, self.peer_id) or 0) >= state.round_no:
                 return None  # most members follow it: the state this node followed lost a race for its round
         return reason
+
+    def _turn_rejection(self, state: MatchmakerState, members: list[str]) -> str | None:
+        """Whether a state for the round after the one this node follows must wait for its author's turn.
+        Only a node taking part in the rounds, past round 1, checks: the first plan of a new mesh, and the
+        states a node that joined later finds, are taken as they come."""
+        if self.phase != "enrolled" or not self._followed or state.round_no != self._followed + 1:
+            return None
+        opened = self._finished_seen.get(state.round_no)
+        open_for = time.monotonic() - opened if opened is not None else None
+        return turn_rejection(state, members, open_for, self.settings.takeover_s)
 
     def rewards(self) -> dict[str, RewardReport]:
         return self._rewards.read(self._learn_entries(REWARD))
@@ -454,13 +469,15 @@ class LearnService:
                 self._nursery.start_soon(self._teach, plan, role[1].student)
         if plan is not None and not round_finished(plan, rewards, now_ms):
             return
-        members = self.members()
-        if len(members) < 2 or self.peer_id not in members:
-            return
         round_no = (state.round_no if state is not None else 0) + 1
         if plan is not None and now_ms < plan.created_ms + int(self.settings.round_interval_s * 1000):
             return
+        # The round is open for planning: the takeover periods, here and in other members' plans this node
+        # checks (`turn_rejection`), count from now.
         seen = self._finished_seen.setdefault(round_no, time.monotonic())
+        members = self.members()
+        if len(members) < 2 or self.peer_id not in members:
+            return
         order = matchmaker_order(round_no, list(members))
         position = order.index(self.peer_id)
         if time.monotonic() - seen < position * self.settings.takeover_s:
