@@ -44,6 +44,7 @@ from knexa.node.learn.rounds import (
     quorum_round,
     reported,
     reward_signal,
+    roster_rejection,
     round_finished,
     round_timing,
     state_rejection,
@@ -691,6 +692,64 @@ def test_an_out_of_turn_plan_is_held_and_the_first_members_plan_followed(tmp_pat
     me.merge([first.put_learn("state", next_plan(closed, _candidates(4), first.peer_id, now, 60).to_dict(), None)])
     assert service.current_state().plan.matchmaker == first.peer_id
     assert not service.rejected
+
+
+def test_a_plan_must_name_the_members_every_node_knew_of_with_the_profiles_they_published() -> None:
+    def plan_of(candidates: list[Candidate]):
+        return next_plan(MatchmakerState.initial(), candidates, "peer00", 1_000, 60).plan
+
+    five = _candidates(5, 3)
+    published = {c.peer_id: tuple(c.vector) for c in five}
+    assert roster_rejection(plan_of(five), published) is None  # four named, one left over
+    assert roster_rejection(plan_of(five[:4]), published) is None
+    assert "leaving out" in roster_rejection(plan_of(five[:3]), published)
+    assert roster_rejection(plan_of(five[:3]), {c: published[c] for c in ("peer00", "peer01", "peer02")}) is None
+    assert "leaving out" in roster_rejection(plan_of(five[:3]), {}, known=published)  # profiles unsettled
+    skills = dict(zip(tasks.CATEGORIES, [1.0] * len(tasks.CATEGORIES), strict=True))
+    puffed = [Candidate("peer00", profile_vector(skills, 1.0), 1.0), *five[1:4]]  # a member made a star
+    assert "another profile" in roster_rejection(plan_of(puffed), published)
+    assert roster_rejection(plan_of(puffed), {c: v for c, v in published.items() if c != "peer00"},
+                            known=["peer00"]) is None  # its skills changed lately here: not checked
+
+
+def test_a_plan_leaving_out_or_misstating_members_is_refused_by_a_node_in_the_rounds(tmp_path: Path) -> None:
+    """A member in the rounds, on real ledgers (the RPC registry is a stand-in, as above): round 3 is over and
+    the first in round 4's order plans it, leaving members out, then making one a star, then honestly."""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
+
+    ledgers = {ledger.peer_id: ledger for ledger in (Ledger(KEY_PAIRS[i]) for i in range(4))}
+    order = matchmaker_order(4, list(ledgers))
+    first, me = ledgers[order[0]], ledgers[order[1]]
+    now = int(time.time() * 1000)
+    round3 = _state_at(3, me.peer_id, now - 120_000, deadline_s=60)  # its deadline has passed
+    me.merge([me.put_learn("state", round3.to_dict(), None),
+              *(ledger.put_learn("member", {"accuracy": 0.1 * i, "skills": {"units": 0.2 * i}, "round": 3}, None)
+                for i, ledger in enumerate(ledgers.values()))])
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
+    service.phase = "enrolled"  # as after `learn` (no engine here)
+    service.settings.takeover_s = 0.0  # profiles seen now count as settled once it follows round 3
+    assert service.current_state().round_no == 3
+    service._followed = 3
+    closed, _ = close_round(round3, {})
+    members = sorted(service.members().values(), key=lambda c: c.peer_id)
+
+    def follows_after(candidates: list[Candidate]) -> MatchmakerState:
+        plan = next_plan(closed, candidates, first.peer_id, now, 60)
+        me.merge([first.put_learn("state", plan.to_dict(), None)])
+        return service.current_state()
+
+    assert follows_after(members[:2]).round_no == 3
+    assert service.rejected == {"plan leaving out members that every node knew of": 1}
+    star = dataclasses.replace(members[0], vector=profile_vector(dict.fromkeys(tasks.CATEGORIES, 1.0), 1.0),
+                               performance=1.0)
+    assert follows_after([star, *members[1:]]).round_no == 3
+    assert service.rejected["plan stating another profile for a member than it published"] == 1
+    assert follows_after(members).plan.matchmaker == first.peer_id
 
 
 def test_a_joining_node_checks_a_state_against_the_ledgers_state_of_the_round_before(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from knexa.node.learn.linucb import (
     RewardScaler,
     choice_rejection,
     new_bandit,
+    node_dim,
     pair_dim,
     plan_pairs,
 )
@@ -266,6 +267,27 @@ def plan_rejection(plan: RoundPlan, bandit: LinUCB) -> str | None:
     if plan.deadline_ms < plan.created_ms:
         return "plan whose deadline comes before it was made"
     return choice_rejection(plan.pairs, bandit, plan.round_no)
+
+
+def roster_rejection(plan: RoundPlan, settled: Mapping[str, Sequence[float]],
+                     known: Iterable[str] = ()) -> str | None:
+    """Why a plan leaves out, or misstates, members its matchmaker must have known of, or None. `settled`:
+    the profile vector each live member published (as `profile_vector` makes it), for the members this node
+    has known, with that profile, since well before the round before this plan began; `known`: other such
+    members, whose profile is not checked. An honest matchmaker names every member it knows of but one
+    when their number is odd, with the profile it published; members that joined or changed their skills
+    lately may reach it later or sooner than this node, so only the settled ones are checked."""
+    n = node_dim()
+    named: dict[str, Sequence[float]] = {}
+    for pair in plan.pairs:
+        named[pair.teacher], named[pair.student] = pair.context[:n], pair.context[n:2 * n]
+    if len((set(settled) | set(known)) - set(named)) > 1:
+        return "plan leaving out members that every node knew of"
+    for peer, vector in named.items():
+        known = settled.get(peer)
+        if known is not None and not np.allclose(vector, known, rtol=0.0, atol=1e-12):
+            return "plan stating another profile for a member than it published"
+    return None
 
 
 def capped_deadline(plan: RoundPlan, max_round_s: float) -> RoundPlan:

@@ -54,6 +54,7 @@ from knexa.node.learn.rounds import (
     plan_rejection,
     quorum_round,
     reported,
+    roster_rejection,
     round_finished,
     round_timing,
     state_rejection,
@@ -177,6 +178,9 @@ class LearnService:
         self._followed_states: dict[int, MatchmakerState] = {0: MatchmakerState.initial()}
         self._followed = 0  # the round of the state this node follows, as its member record says
         self._refused_states: set[tuple[str, int, str]] = set()  # (author, round, reason), counted once
+        self._following_since: dict[int, int] = {}  # round -> when this node began following it (ms)
+        # member -> (its profile, since when (ms), since when it has been a member (ms))
+        self._profiles_seen: dict[str, tuple[tuple[float, ...], int, int]] = {}
         self._checked_states: set[tuple[str, int, int]] = set()  # (author, round, created), counted once
         self.states_checked = 0
         self._rewards = ParsedRecords(lambda _author, record: RewardReport.from_dict(record), "bad reward record",
@@ -210,10 +214,10 @@ class LearnService:
 
     # -- local learning --------------------------------------------------------------------------
     def _check_can_train(self) -> None:
+        if self.phase == "leaving":  # first: a stopping node may still be finishing a student's training
+            raise LearnError("unavailable", "this node is stopping")
         if self._training.locked():
             raise LearnError("busy", "this node is already training")
-        if self.phase == "leaving":
-            raise LearnError("unavailable", "this node is stopping")
 
     async def _read(self, data_file: Path) -> list[tasks.Example]:
         self._check_can_train()
@@ -373,10 +377,12 @@ class LearnService:
 
     def current_state(self) -> MatchmakerState | None:
         """The newest matchmaker state in the ledger that this node may follow (see `state_rejection`)."""
-        followed = {author: m.round_no for author, m in self._member_records().items()}
+        records = self._member_records()
+        followed = {author: m.round_no for author, m in records.items()}
         if self._followed:
             followed[self.peer_id] = self._followed
         now_ms = int(time.time() * 1000)
+        self._note_profiles(records, now_ms)
         signed = self.rewards()
         usable = []
         states = self._states.read(self._learn_entries(STATE))
@@ -384,6 +390,8 @@ class LearnService:
             reason = state_rejection(state, author, followed, self.peer_id, now_ms)
             if reason is None:
                 reason = self._succession_rejection(state, author, signed, followed, states)
+            if reason is None:
+                reason = self._roster_rejection(state)
             if reason is None and (held := self._turn_rejection(state, list(followed))) is not None:
                 if _first_time(self._refused_states, (author, state.round_no, held)):
                     log.info('event=state_held author=%s round=%d reason="%s"', author, state.round_no, held)
@@ -396,9 +404,41 @@ class LearnService:
         chosen = newest_state(usable)
         if chosen is not None:
             self._followed_states[chosen.round_no] = chosen
+            self._following_since.setdefault(chosen.round_no, now_ms)
             for old in [r for r in self._followed_states if r < chosen.round_no - 1]:
                 del self._followed_states[old]
+            for old in [r for r in self._following_since if r < chosen.round_no - 1]:
+                del self._following_since[old]
         return chosen
+
+    def _note_profiles(self, records: dict[str, MemberRecord], now_ms: int) -> None:
+        """Remember since when each live member has been one, and has published the profile it publishes now."""
+        for author, record in records.items():
+            vector = tuple(float(v) for v in profile_vector(record.skills, record.accuracy))
+            known = self._profiles_seen.get(author)
+            if known is None:
+                self._profiles_seen[author] = (vector, now_ms, now_ms)
+            elif known[0] != vector:
+                self._profiles_seen[author] = (vector, now_ms, known[2])
+        for gone in set(self._profiles_seen) - set(records):
+            del self._profiles_seen[gone]
+
+    def _roster_rejection(self, state: MatchmakerState) -> str | None:
+        """Whether a plan for the round after the one this node follows leaves out, or misstates, members
+        whose profiles this node has held unchanged since a takeover period before it began following that
+        round (see `roster_rejection`). That round's students are left out: one that keeps its shadow
+        publishes new skills as the round ends, which may reach the matchmaker before this node. A node not
+        in the rounds, or that joined later, does not check."""
+        began, parent = self._following_since.get(self._followed), self._followed_states.get(self._followed)
+        if (self.phase != "enrolled" or not self._followed or state.round_no != self._followed + 1
+                or began is None or parent is None or parent.plan is None):
+            return None
+        cutoff = began - int(self.settings.takeover_s * 1000)
+        students = {pair.student for pair in parent.plan.pairs}
+        members = {peer for peer, (_, _, member_since) in self._profiles_seen.items() if member_since <= cutoff}
+        settled = {peer: vector for peer, (vector, since, _) in self._profiles_seen.items()
+                   if peer in members and since <= cutoff and peer not in students}
+        return roster_rejection(state.plan, settled, members)
 
     def _succession_rejection(self, state: MatchmakerState, author: str, signed: dict[str, RewardReport],
                               followed: dict[str, int], states: dict[str, MatchmakerState]) -> str | None:
