@@ -477,6 +477,11 @@ def test_a_round_closes_on_the_assigned_students_rewards_only() -> None:
     assert round_finished(plan, rewards, now_ms=plan.deadline_ms)
     assert round_finished(plan, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, False, 0.2)
                                  for p in plan.pairs}, now_ms=2_000)
+    # A member that died or left: its pair is done (the service names it gone once its membership has been
+    # missing for a membership's lifetime); the other pairs' rewards are what the round waits for.
+    assert round_finished(plan, {first.student: good}, 2_000, gone={second.teacher})
+    assert round_finished(plan, {first.student: good}, 2_000, gone={second.student})
+    assert not round_finished(plan, {}, 2_000, gone={second.teacher})  # the first pair is still due
     again = next_plan(closed, _candidates(4), "peer01", now_ms=5_000, round_deadline_s=60)
     assert again.round_no == 2 and again.plan.alpha == alpha_for(2)
     assert newest_state([state, again, closed]) is again

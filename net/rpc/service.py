@@ -245,23 +245,25 @@ class RpcService:
         """A session and a call whose OPEN frame went out. A pooled stream can be dead before its reader has
         noticed (its connection just closed); an OPEN frame that could not be written started nothing on the
         server, so the call is opened once more, on a fresh stream."""
-        for attempt in (1, 2):
-            session = await self._session(peer_id)
-            call = session.new_call(method, recv_window=recv_window)
-            try:
-                await session.send_signed(FrameType.OPEN, call, Kind.REQUEST, body,
-                                          timeout_ms=timeout_ms_for(deadline), window=open_window)
-                return session, call
-            except StreamWriteError:
-                await session.finish(call)
-                if attempt == 2:
-                    raise
+        try:
+            return await self._open_once(peer_id, method, body, deadline, recv_window, open_window)
+        except StreamWriteError:
+            return await self._open_once(peer_id, method, body, deadline, recv_window, open_window)
+
+    async def _open_once(self, peer_id: PeerID, method: str, body: bytes | PackedBody, deadline: float,
+                         recv_window: int, open_window: int) -> tuple[ClientSession, CallState]:
+        session = await self._session(peer_id)
+        call = session.new_call(method, recv_window=recv_window)
+        try:
+            await session.send_signed(FrameType.OPEN, call, Kind.REQUEST, body,
+                                      timeout_ms=timeout_ms_for(deadline), window=open_window)
+        except BaseException as exc:
+            await session.finish(call)
+            if isinstance(exc, StreamWriteError):  # the stream is dead: no later call may pick it from the pool
                 session.closed = True
                 self.drop_client_session(session)
-            except BaseException:
-                await session.finish(call)
-                raise
-        raise AssertionError("unreachable")
+            raise
+        return session, call
 
     def _deadline(self, timeout: float | None) -> float:
         deadline = trio.current_effective_deadline()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -494,11 +494,14 @@ def next_plan(
     return replace(state, round_no=round_no, plan=plan)
 
 
-def round_finished(plan: RoundPlan, rewards: Mapping[str, RewardReport], now_ms: int) -> bool:
-    """Every assigned student has reported, or the deadline has passed."""
+def round_finished(plan: RoundPlan, rewards: Mapping[str, RewardReport], now_ms: int,
+                   gone: Collection[str] = ()) -> bool:
+    """Every pair is done, or the deadline has passed. A pair is done when its student has reported, or when
+    its teacher or its student is `gone` (it died or left: its membership has been missing for a while), so
+    that one dead node does not hold the other pairs up until the deadline."""
     if now_ms >= plan.deadline_ms:
         return True
-    return all(reported(plan, p.student, rewards) for p in plan.pairs)
+    return all(reported(plan, p.student, rewards) or p.teacher in gone or p.student in gone for p in plan.pairs)
 
 
 def round_timing(plan: RoundPlan | None, round_no: int) -> str:

@@ -181,6 +181,7 @@ class LearnService:
         self._following_since: dict[int, int] = {}  # round -> when this node began following it (ms)
         # member -> (its profile, since when (ms), since when it has been a member (ms))
         self._profiles_seen: dict[str, tuple[tuple[float, ...], int, int]] = {}
+        self._missing_since: dict[str, float] = {}  # former member -> when its membership went (monotonic)
         self._checked_states: set[tuple[str, int, int]] = set()  # (author, round, created), counted once
         self.states_checked = 0
         self._rewards = ParsedRecords(lambda _author, record: RewardReport.from_dict(record), "bad reward record",
@@ -422,6 +423,17 @@ class LearnService:
                 self._profiles_seen[author] = (vector, now_ms, known[2])
         for gone in set(self._profiles_seen) - set(records):
             del self._profiles_seen[gone]
+            self._missing_since[gone] = time.monotonic()
+        # Back, or gone for longer than any plan that names it can stay open.
+        forgotten = time.monotonic() - self.settings.member_ttl_s - self.settings.round_deadline_s
+        for peer in [p for p, since in self._missing_since.items() if p in records or since < forgotten]:
+            del self._missing_since[peer]
+
+    def _gone(self) -> set[str]:
+        """Members whose membership this node has missed for a whole membership lifetime: they died or left
+        (a record that only lags in reaching this node comes back with the member's next refresh)."""
+        horizon = time.monotonic() - self.settings.member_ttl_s
+        return {peer for peer, since in self._missing_since.items() if since <= horizon}
 
     def _roster_rejection(self, state: MatchmakerState) -> str | None:
         """Whether a plan for the round after the one this node follows leaves out, or misstates, members
@@ -507,7 +519,8 @@ class LearnService:
                 self._acted.add((plan.round_no, "teacher"))
                 assert self._nursery is not None
                 self._nursery.start_soon(self._teach, plan, role[1].student)
-        if plan is not None and not round_finished(plan, rewards, now_ms):
+        members = self.members()
+        if plan is not None and not round_finished(plan, rewards, now_ms, self._gone()):
             return
         round_no = (state.round_no if state is not None else 0) + 1
         if plan is not None and now_ms < plan.created_ms + int(self.settings.round_interval_s * 1000):
@@ -515,7 +528,6 @@ class LearnService:
         # The round is open for planning: the takeover periods, here and in other members' plans this node
         # checks (`turn_rejection`), count from now.
         seen = self._finished_seen.setdefault(round_no, time.monotonic())
-        members = self.members()
         if len(members) < 2 or self.peer_id not in members:
             return
         order = matchmaker_order(round_no, list(members))
