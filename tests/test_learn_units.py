@@ -375,6 +375,27 @@ def _paired(teacher: Candidate, student: Candidate, bandit: LinUCB, round_no: in
     return PairChoice(teacher.peer_id, student.peer_id, tuple(float(v) for v in x), score.mean, score.width)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 2**31), st.integers(1, 40), st.integers(0, 6), st.booleans())
+def test_an_honest_plan_always_passes_the_checks_every_node_makes(n: int, seed: int, round_no: int, trained: int,
+                                                                 alike: bool) -> None:
+    """A refused honest plan would split the mesh: whatever the members (alike ones tie on every score), the
+    bandit and the round, the plan `next_plan` makes passes, as the ledger carries it."""
+    rng = random.Random(seed)
+    candidates = _candidates(n, seed)
+    if alike:  # a new mesh: every member validated the same
+        candidates = [Candidate(c.peer_id, profile_vector({}, 0.5), 0.5) for c in candidates]
+    bandit = new_bandit()
+    for _ in range(trained):
+        for p in plan_pairs(candidates, bandit, rng.randint(1, 40)):
+            bandit.update(p.context, rng.gauss(0, 2))
+    state = dataclasses.replace(MatchmakerState.initial(), round_no=round_no - 1, bandit=bandit)
+    planned = next_plan(state, candidates, "peer00", now_ms=1_000, round_deadline_s=60)
+    carried = MatchmakerState.from_dict(msgpack.unpackb(msgpack.packb(planned.to_dict())))
+    assert plan_rejection(carried.plan, carried.bandit) is None
+    assert roster_rejection(carried.plan, {c.peer_id: tuple(c.vector) for c in candidates}) is None
+
+
 def test_a_plan_must_pair_the_members_it_names_as_the_bandit_chooses() -> None:
     """Honest plans pass for any number of members (odd: the one left out changes nothing); a matching of the
     matchmaker's own choosing, a student teaching, a score or a lead that the bandit did not give are refused."""

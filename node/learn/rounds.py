@@ -2,9 +2,10 @@
 students' rewards update the shared state. Pure code.
 
 The state (bandit, reward scaler, plan, history) is one signed ledger entry written by the round's
-matchmaker; the newest one anywhere in the ledger is the current state (unless `state_rejection` or
-`succession_rejection` refuses it), so whichever node runs the next round, or takes over a round whose
-matchmaker died, starts from the same place.
+matchmaker; the newest one anywhere in the ledger is the current state (unless `state_rejection`,
+`succession_rejection`, `plan_rejection` or `roster_rejection` refuses it, or `turn_rejection` holds it
+until its author's turn), so whichever node runs the next round, or takes over a round whose matchmaker
+died, starts from the same place, and no member can steer the rounds by planning them.
 """
 
 from __future__ import annotations
