@@ -52,7 +52,7 @@ from distill import (
     with_defaults,
 )
 
-from knexa.node.engine import Engine
+from knexa.node.engine import Engine, TrainExample
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.linucb import new_bandit, oriented, plan_pairs, teacher_lead
@@ -71,6 +71,10 @@ class PairOutcome:
     kept: bool
     live_test: float
     shadow_test: float
+    # The loss drop on the shared validation examples only, and on the student's own split only (the
+    # daemon's reward is the drop on both together): which of them tracks what the student gains.
+    shared_drop: float | None = None
+    own_drop: float | None = None
 
 
 @dataclass
@@ -132,6 +136,14 @@ async def drop(engine: Engine, a: Agent, trained: bool = True) -> None:
     await engine.unload_adapter(a.live)
     if trained:
         await engine.unload_adapter(learner.shadow_of(a.live))
+
+
+async def split_losses(engine: Engine, adapter: str, val: list[tasks.Example], shared: int
+                       ) -> tuple[float, float]:
+    """The mean answer loss on the shared validation examples (the last `shared` of `val`) and on the rest."""
+    losses = await engine.answer_loss([TrainExample(learner.user_turn(e.prompt), e.answer) for e in val],
+                                      adapter=adapter)
+    return statistics.fmean(losses[len(losses) - shared:]), statistics.fmean(losses[:len(losses) - shared])
 
 
 async def train_and_test(engine: Engine, a: Agent, examples: list, test: list[tasks.Example],
@@ -254,12 +266,15 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         if args.teachers_only:
             continue
         await fresh(engine, s, f"student{s.index}-of-{t.index}", warm, evaluations[s.index])
+        shared = args.public_val * len(tasks.CATEGORIES)
+        before = await split_losses(engine, s.live, s.val, shared)
         examples = learner.mixed_examples(s.train, useful, alpha_for(ROUND))
         outcome, live, shadow = await train_and_test(engine, s, examples, test, args, seed + ROUND,
                                                      alone[s.index].base_test)
+        after = await split_losses(engine, learner.shadow_of(s.live), s.val, shared)
         await drop(engine, s)
         pairs.append(PairOutcome(t.index, s.index, lead, outcome.loss_drop, outcome.gain, outcome.swapped, live,
-                                 shadow))
+                                 shadow, before[0] - after[0], before[1] - after[1]))
         print(f"  agent{t.index} -> agent{s.index}: lead {lead:.2f}, {len(useful)} answers ({right} right), loss "
               f"drop {outcome.loss_drop:+.4f}, val gain {outcome.gain:+.3f}{' kept' if outcome.swapped else ''}, "
               f"test {live:.3f} (shadow {shadow:.3f}; alone {alone[s.index].alone_live_test:.3f}, shadow "
@@ -363,6 +378,13 @@ def matching_summary(result: dict) -> dict:
             "spearman_loss_drop_benefit": spearman([p["loss_drop"] for p in result["pairs"]], benefit),
             "mean_benefit": statistics.fmean(benefit),
         }
+        if all(p.get("shared_drop") is not None for p in result["pairs"]):
+            for part in ("shared", "own"):
+                summary[measure][f"spearman_{part}_drop_benefit"] = spearman(
+                    [p[f"{part}_drop"] for p in result["pairs"]], benefit)
+            print(f"  {measure:6s}: Spearman of a pair's benefit with its loss drop on the shared validation "
+                  f"examples {summary[measure]['spearman_shared_drop_benefit']:+.2f}, on the student's own split "
+                  f"{summary[measure]['spearman_own_drop_benefit']:+.2f}", flush=True)
         s = summary[measure]
         print(f"  {measure:6s}: everyone alone {s['alone']:.3f}, random {s['random']:.3f}, best {s['best']:.3f}, "
               f"worst {s['worst']:.3f}, "
