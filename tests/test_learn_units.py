@@ -686,6 +686,33 @@ def test_a_plan_made_out_of_turn_waits_for_its_authors_turn_and_ranks_after_earl
     assert newest_state([late_first, _state_at(5, order[4])]).round_no == 5
 
 
+def test_a_member_is_gone_once_its_membership_has_been_missing_for_a_lifetime(tmp_path: Path) -> None:
+    """What `round_finished` is given as gone (real ledgers; the RPC registry is a stand-in, as above): a
+    member whose record went, for `learn_member_ttl_s` more; one whose record comes back is not."""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from tests.crdt_helpers import KEY_PAIRS
+
+    me, dying, lagging = (Ledger(KEY_PAIRS[i]) for i in range(3))
+    member = {"accuracy": 0.5, "skills": {}, "round": 0}
+    records = {ledger.peer_id: ledger.put_learn("member", member, None) for ledger in (me, dying, lagging)}
+    me.merge(list(records.values()))
+    service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                           lambda: me, lambda entries: None, tmp_path)
+    service.current_state()
+    assert service._gone() == set()
+    me.merge([dying.retract_learn("member", 60.0), lagging.retract_learn("member", 60.0)])
+    service.current_state()
+    assert service._gone() == set()  # missing, not yet for a lifetime
+    service._missing_since = {peer: since - service.settings.member_ttl_s for peer, since in
+                              service._missing_since.items()}
+    me.merge([lagging.put_learn("member", member, None)])  # its next refresh arrives
+    service.current_state()
+    assert service._gone() == {dying.peer_id}
+
+
 def test_an_out_of_turn_plan_is_held_and_the_first_members_plan_followed(tmp_path: Path) -> None:
     """A member in the rounds, on real ledgers (the RPC registry is a stand-in, as above): round 3 is over,
     the last member in round 4's order plans at once, dated later; this node waits for the first's plan."""

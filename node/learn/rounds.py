@@ -285,8 +285,8 @@ def roster_rejection(plan: RoundPlan, settled: Mapping[str, Sequence[float]],
     if len((set(settled) | set(known)) - set(named)) > 1:
         return "plan leaving out members that every node knew of"
     for peer, vector in named.items():
-        known = settled.get(peer)
-        if known is not None and not np.allclose(vector, known, rtol=0.0, atol=1e-12):
+        published = settled.get(peer)
+        if published is not None and not np.allclose(vector, published, rtol=0.0, atol=1e-12):
             return "plan stating another profile for a member than it published"
     return None
 
