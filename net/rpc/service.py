@@ -37,8 +37,6 @@ from knexa.net.rpc.yamux_tuning import configure_process
 
 log = logging.getLogger(__name__)
 
-STREAM_RETRY_S = 0.25  # before the one more try of a stream whose negotiation failed on an existing connection
-
 
 class RpcService:
     """Serves registered methods on `PROTOCOL_ID` and calls methods on other peers.
@@ -228,33 +226,19 @@ class RpcService:
                     raise
                 except Exception as exc:
                     raise RpcError(ErrorCode.UNAVAILABLE, f"cannot reach {peer_id}: {exc}") from None
-            stream = await self._new_stream(peer_id)
+            try:
+                stream = await self.host.new_stream(peer_id, [self.protocol_id])
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                raise RpcError(ErrorCode.UNAVAILABLE,
+                               f"cannot open an RPC stream to {peer_id}: {exc}") from None
             fs = FramedStream(stream, self.config.max_message_size, self.metrics)
             await fs.start()
             session = ClientSession(self, fs)
             await self._nursery.start(session.run)
             pool.append(session)
             return session
-
-    async def _new_stream(self, peer_id: PeerID) -> INetStream:
-        """A new RPC stream to the peer. py-libp2p can hand out a connection whose muxer is still being set up
-        (or already closing), and protocol negotiation then fails on it: where a connection existed, the
-        stream is tried once more a moment later, on whatever connection the host then has or dials."""
-        had_connection = bool(self.host.get_network().get_connections(peer_id))
-        try:
-            return await self.host.new_stream(peer_id, [self.protocol_id])
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            if not had_connection:
-                raise RpcError(ErrorCode.UNAVAILABLE, f"cannot open an RPC stream to {peer_id}: {exc}") from None
-        await trio.sleep(STREAM_RETRY_S)
-        try:
-            return await self.host.new_stream(peer_id, [self.protocol_id])
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise RpcError(ErrorCode.UNAVAILABLE, f"cannot open an RPC stream to {peer_id}: {exc}") from None
 
     async def _open_call(self, peer_id: PeerID, method: str, body: bytes | PackedBody, deadline: float,
                          recv_window: int, open_window: int) -> tuple[ClientSession, CallState]:
