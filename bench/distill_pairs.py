@@ -52,7 +52,7 @@ from distill import (
     with_defaults,
 )
 
-from knexa.node.engine import Engine, TrainExample
+from knexa.node.engine import Engine
 from knexa.node.learn import agent as learner
 from knexa.node.learn import tasks
 from knexa.node.learn.linucb import new_bandit, oriented, plan_pairs, teacher_lead
@@ -138,12 +138,13 @@ async def drop(engine: Engine, a: Agent, trained: bool = True) -> None:
         await engine.unload_adapter(learner.shadow_of(a.live))
 
 
-async def split_losses(engine: Engine, adapter: str, val: list[tasks.Example], shared: int
-                       ) -> tuple[float, float]:
-    """The mean answer loss on the shared validation examples (the last `shared` of `val`) and on the rest."""
-    losses = await engine.answer_loss([TrainExample(learner.user_turn(e.prompt), e.answer) for e in val],
-                                      adapter=adapter)
-    return statistics.fmean(losses[len(losses) - shared:]), statistics.fmean(losses[:len(losses) - shared])
+def split_drop(before: learner.Evaluation, after: learner.Evaluation, shared: int) -> tuple[float, float]:
+    """The drop in mean answer loss on the shared validation examples (the last `shared`) and on the rest."""
+    def drop_of(part: slice) -> float:
+        return statistics.fmean(before.losses[part]) - statistics.fmean(after.losses[part])
+
+    cut = len(before.losses) - shared
+    return drop_of(slice(cut, None)), drop_of(slice(None, cut))
 
 
 async def train_and_test(engine: Engine, a: Agent, examples: list, test: list[tasks.Example],
@@ -266,15 +267,13 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         if args.teachers_only:
             continue
         await fresh(engine, s, f"student{s.index}-of-{t.index}", warm, evaluations[s.index])
-        shared = args.public_val * len(tasks.CATEGORIES)
-        before = await split_losses(engine, s.live, s.val, shared)
         examples = learner.mixed_examples(s.train, useful, alpha_for(ROUND))
         outcome, live, shadow = await train_and_test(engine, s, examples, test, args, seed + ROUND,
                                                      alone[s.index].base_test)
-        after = await split_losses(engine, learner.shadow_of(s.live), s.val, shared)
         await drop(engine, s)
         pairs.append(PairOutcome(t.index, s.index, lead, outcome.loss_drop, outcome.gain, outcome.swapped, live,
-                                 shadow, before[0] - after[0], before[1] - after[1]))
+                                 shadow, *split_drop(outcome.before, outcome.after,
+                                                     args.public_val * len(tasks.CATEGORIES))))
         print(f"  agent{t.index} -> agent{s.index}: lead {lead:.2f}, {len(useful)} answers ({right} right), loss "
               f"drop {outcome.loss_drop:+.4f}, val gain {outcome.gain:+.3f}{' kept' if outcome.swapped else ''}, "
               f"test {live:.3f} (shadow {shadow:.3f}; alone {alone[s.index].alone_live_test:.3f}, shadow "

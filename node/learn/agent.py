@@ -38,6 +38,7 @@ class Evaluation:
     skills: dict[str, float]
     results: tuple[tuple[Example, bool], ...]
     loss: float | None  # the mean over examples of each answer's mean token loss (nats); None if not measured
+    losses: tuple[float, ...] = ()  # each example's, in the order of `results`
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ async def evaluate(engine: Engine, adapter: str | None, examples: Sequence[Examp
         return Evaluation(accuracy, skill_scores(results), results, None)
     losses = await engine.answer_loss([TrainExample(user_turn(e.prompt), e.answer) for e in examples],
                                       adapter=adapter)
-    return Evaluation(accuracy, skill_scores(results), results, sum(losses) / len(losses) if losses else 0.0)
+    return Evaluation(accuracy, skill_scores(results), results, sum(losses) / len(losses) if losses else 0.0,
+                      tuple(losses))
 
 
 # Seeds of a prompt's further samples, far from the next prompts' first ones.

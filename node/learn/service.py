@@ -442,8 +442,7 @@ class LearnService:
         publishes new skills as the round ends, which may reach the matchmaker before this node. A node not
         in the rounds, or that joined later, does not check."""
         began, parent = self._following_since.get(self._followed), self._followed_states.get(self._followed)
-        if (self.phase != "enrolled" or not self._followed or state.round_no != self._followed + 1
-                or began is None or parent is None or parent.plan is None):
+        if not self._checks_next_round(state) or began is None or parent is None or parent.plan is None:
             return None
         cutoff = began - int(self.settings.takeover_s * 1000)
         students = {pair.student for pair in parent.plan.pairs}
@@ -471,11 +470,16 @@ class LearnService:
                 return None  # most members follow it: the state this node followed lost a race for its round
         return reason
 
+    def _checks_next_round(self, state: MatchmakerState) -> bool:
+        """Whether `state` is a plan for the round after the one this node, taking part in the rounds, follows
+        (past round 1): the plans the turn and roster checks apply to."""
+        return self.phase == "enrolled" and bool(self._followed) and state.round_no == self._followed + 1
+
     def _turn_rejection(self, state: MatchmakerState, members: list[str]) -> str | None:
         """Whether a state for the round after the one this node follows must wait for its author's turn.
         Only a node taking part in the rounds, past round 1, checks: the first plan of a new mesh, and the
         states a node that joined later finds, are taken as they come."""
-        if self.phase != "enrolled" or not self._followed or state.round_no != self._followed + 1:
+        if not self._checks_next_round(state):
             return None
         opened = self._finished_seen.get(state.round_no)
         open_for = time.monotonic() - opened if opened is not None else None
