@@ -160,8 +160,7 @@ def start(
     )
     setup_logging(cfg.log_level)
     try:
-        daemon = Daemon(cfg)
-        trio.run(run_until_signal, daemon)
+        trio.run(run_until_signal, lambda: Daemon(cfg))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except BaseException as exc:  # noqa: BLE001 - turn known failures into one line

@@ -24,6 +24,10 @@ class AddressError(ValueError):
     """A multiaddr given by the user cannot be parsed or used."""
 
 
+class NetworkStopped(Exception):
+    """The host's network service stopped while the node still ran on it."""
+
+
 def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> multiaddr.Multiaddr:
     try:
         addr = multiaddr.Multiaddr(text)
@@ -94,6 +98,19 @@ async def close_host(host: IHost, timeout_s: float = 2.0) -> None:
         await _close_quietly(network.close)
     if scope.cancelled_caught:
         log.debug("event=close_timeout after_s=%s", timeout_s)
+
+
+async def watch_network(host: IHost) -> None:
+    """Never returns while the host's network service runs; raises NetworkStopped once it stops.
+
+    py-libp2p stops its whole swarm when one of the swarm's tasks fails, and every connection dies with it,
+    yet the host goes on accepting calls (each new stream then fails): a node left like that is unreachable
+    while it looks alive, so whoever runs the host must learn of it.
+    """
+    manager = host.get_network().manager
+    await manager.wait_finished()
+    cause = "after a task of it failed" if manager.did_error else "while the node still used it"
+    raise NetworkStopped(f"the libp2p network service stopped {cause}")
 
 
 async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:

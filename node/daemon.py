@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from knexa.crdt.namespace import profile_key
 from knexa.crdt.profile import CapabilityProfile, Device, Load, Reachability
 from knexa.crdt.store import LedgerStore
 from knexa.dht import Discovery
-from knexa.net.host import build_host, close_host, dialable_addrs, parse_multiaddr
+from knexa.net.host import NetworkStopped, build_host, close_host, dialable_addrs, parse_multiaddr, watch_network
 from knexa.net.identity import load_or_create_identity, peer_id_of
 from knexa.net.mesh import Mesh
 from knexa.net.nat.echo import register_echo
@@ -39,7 +40,7 @@ from knexa.node.api import create_app
 from knexa.node.collab.service import CollabService, CollabSettings
 from knexa.node.collab.verify import VerifyPolicy
 from knexa.node.config import NodeConfig
-from knexa.node.errors import find_exception
+from knexa.node.errors import describe, find_exception
 from knexa.node.ledger_service import LedgerService
 from knexa.node.ledger_view import entry_view, profile_summary
 from knexa.node.metrics import NodeMetrics
@@ -52,6 +53,11 @@ if TYPE_CHECKING:
     from knexa.node.learn.service import LearnService
 
 log = logging.getLogger("knexa.daemon")
+
+# A node whose network stopped under it is restarted in place this often within the window, then left to stop.
+RESTARTS = 3
+RESTART_WINDOW_S = 600.0
+RESTART_DELAY_S = 1.0
 
 
 
@@ -201,6 +207,7 @@ class Daemon:
         self.collab.register_metrics(self.metrics.registry)
         self.api_url = ""
         self._nursery: trio.Nursery | None = None
+        self._network_stopped: NetworkStopped | None = None
 
     # -- what the API and CLI show ------------------------------------------
     def own_profile(self) -> CapabilityProfile:
@@ -348,12 +355,22 @@ class Daemon:
         await self.ledger_service.say_goodbye(entries)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled. Raises DaemonError if the node cannot start."""
+        """Run until cancelled. Raises DaemonError if the node cannot start, NetworkStopped if its libp2p
+        network stops under it."""
         self._lock.acquire()
         try:
             for addr in self.listen_addrs:
                 check_can_listen(addr)
             self.ledger = Ledger(self.key_pair, store=LedgerStore.in_data_dir(self.config.data_dir))
+            await self._run_host(task_status)
+        finally:
+            (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
+            if self.ledger is not None:
+                self.ledger.close()
+            self._lock.release()
+
+    async def _run_host(self, task_status: trio.TaskStatus[None]) -> None:
+        try:
             async with self.host.run(self.listen_addrs):
                 try:
                     self._check_listening()
@@ -366,15 +383,17 @@ class Daemon:
                             await close_host(self.host)
                 finally:
                     await close_host(self.host)
-        finally:
-            (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
-            if self.ledger is not None:
-                self.ledger.close()
-            self._lock.release()
+        except BaseException as exc:
+            # Leaving host.run() re-raises the swarm task's failure that stopped the network, in place of ours.
+            stopped = self._network_stopped
+            if stopped is None or find_exception(exc, (NetworkStopped, trio.Cancelled, KeyboardInterrupt)):
+                raise
+            raise stopped from exc
 
     async def _run_services(self, pubsub: Any, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watch_network)
             await nursery.start(self.mesh.run)
             await nursery.start(self.rpc.run)
             await nursery.start(self.nat.run)
@@ -401,6 +420,14 @@ class Daemon:
                 self.api_url,
             )
             task_status.started()
+
+    async def _watch_network(self) -> None:
+        try:
+            await watch_network(self.host)
+        except NetworkStopped as exc:
+            log.error('event=network_stopped peer=%s reason="%s"', self.peer_id, exc)
+            self._network_stopped = exc
+            raise
 
     def _check_listening(self) -> None:
         bound = self.host.get_transport_addrs()
@@ -473,18 +500,44 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def run_until_signal(daemon: Daemon) -> None:
-    """Run the daemon in the foreground; SIGINT or SIGTERM stops it cleanly."""
+async def run_until_signal(new_daemon: Callable[[], Daemon]) -> None:
+    """Run a daemon in the foreground; SIGINT or SIGTERM stops it cleanly. A daemon whose libp2p network
+    stopped under it (see `watch_network`) is replaced by a fresh one from `new_daemon`: same data directory,
+    identity, ledger and enrolment, new connections. Past `RESTARTS` within `RESTART_WINDOW_S` it gives up
+    with a DaemonError, for whatever supervises the process."""
+    restarts: list[float] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
+        while True:
+            daemon = new_daemon()
+            try:
+                await _run_until_signal(daemon, signals)
+                return
+            except BaseException as exc:  # noqa: BLE001 - only a stopped network is handled; the rest re-raised
+                stopped = find_exception(exc, NetworkStopped)
+                if stopped is None:
+                    raise
+            now = trio.current_time()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+            if len(restarts) >= RESTARTS:
+                raise DaemonError(f"{stopped}, {len(restarts) + 1} times within {RESTART_WINDOW_S / 60:.0f} "
+                                  "minutes; not restarting again")
+            restarts.append(now)
+            cause = describe(stopped.__cause__) if stopped.__cause__ is not None else "none reported"
+            log.warning('event=restarting peer=%s reason="%s" cause="%s" delay_s=%s', daemon.peer_id, stopped,
+                        cause, RESTART_DELAY_S)
+            await trio.sleep(RESTART_DELAY_S)
 
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    log.info("event=stopping signal=%s", signal.Signals(signum).name)
-                    await daemon.say_goodbye()
-                    nursery.cancel_scope.cancel()
-                    return
 
-            nursery.start_soon(stop_on_signal)
+async def _run_until_signal(daemon: Daemon, signals: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+
+        async def stop_on_signal() -> None:
+            async for signum in signals:
+                log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                await daemon.say_goodbye()
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(stop_on_signal)
     log.info("event=stopped peer=%s", daemon.peer_id)

@@ -6,6 +6,10 @@ import stat
 
 import trio
 
+from knexa.node import daemon as daemon_module
+from knexa.node.config import NodeConfig
+from knexa.node.daemon import Daemon, DaemonError, run_until_signal
+from knexa.node.errors import find_exception
 from knexa.node.paths import STATE_FILE, TOKEN_FILE
 from tests.conftest import api_get, free_port, p2p_addr, peer_ids_seen, running_daemon, wait_for
 
@@ -140,3 +144,73 @@ async def test_a_node_does_not_dial_peers_it_merely_knows(tmp_path):
         await trio.sleep(0.5)
         assert known not in a.host.get_connected_peers()
         assert not network.auto_connector._started  # its periodic dialling task never ran
+
+
+def _node_config(data_dir, bootstrap: list[str]) -> NodeConfig:
+    return NodeConfig(data_dir=data_dir, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, api_port=0,
+                      ping_interval_s=0.5, model="none", cache_dir=data_dir / "cache").validate()
+
+
+async def _stop_network(daemon: Daemon) -> None:
+    await daemon.host.get_network().manager.stop()
+
+
+def _fail_a_swarm_task(daemon: Daemon) -> None:
+    # py-libp2p stops the whole swarm when one of its tasks fails (a CI run caught a swarm stopped under a
+    # running node once): its connections die with it while the host object lives on.
+    async def fails() -> None:
+        raise RuntimeError("a swarm task failed")
+
+    daemon.host.get_network().manager.run_task(fails)
+
+
+async def test_a_node_whose_network_stops_is_restarted_in_place_and_rejoins(tmp_path):
+    async with running_daemon(tmp_path / "b") as b:
+        made: list[Daemon] = []
+
+        def new_daemon() -> Daemon:
+            made.append(Daemon(_node_config(tmp_path / "a", [p2p_addr(b)])))
+            return made[-1]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_until_signal, new_daemon)
+            await wait_for(lambda: made and made[0].api_url, 30)
+            first = made[0]
+            await wait_for(lambda: _sees(b, {first.peer_id}), 30)
+            _fail_a_swarm_task(first)
+            await wait_for(lambda: len(made) == 2 and made[1].api_url, 30)
+            second = made[1]
+            assert second.peer_id == first.peer_id
+            assert (tmp_path / "a" / STATE_FILE).exists()
+            await wait_for(lambda: _sees(b, {second.peer_id}), 30)
+            await wait_for(lambda: _sees(second, {b.peer_id}), 30)
+            nursery.cancel_scope.cancel()
+        assert not (tmp_path / "a" / STATE_FILE).exists()
+
+
+async def test_a_node_whose_network_keeps_stopping_gives_up_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(daemon_module, "RESTARTS", 1)
+    monkeypatch.setattr(daemon_module, "RESTART_DELAY_S", 0.0)
+    made: list[Daemon] = []
+
+    def new_daemon() -> Daemon:
+        made.append(Daemon(_node_config(tmp_path / "a", [])))
+        return made[-1]
+
+    async def stop_each_network() -> None:
+        for i in range(2):
+            await wait_for(lambda i=i: len(made) > i and made[i].api_url, 30)
+            await _stop_network(made[i])
+
+    failure = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_each_network)
+            with trio.fail_after(60):
+                await run_until_signal(new_daemon)
+    except BaseException as exc:  # noqa: BLE001 - the group trio wraps it in
+        failure = find_exception(exc, DaemonError)
+    assert failure is not None and "network service stopped" in str(failure)
+    assert "not restarting again" in str(failure)
+    assert len(made) == 2
+    assert not (tmp_path / "a" / STATE_FILE).exists()
