@@ -409,7 +409,8 @@ def report(results: list[dict]) -> None:
         rows = [r["summary"][measure] for r in results if measure in r["summary"]]
         if not rows:
             continue
-        mean = {k: statistics.fmean(row[k] for row in rows) for k in rows[0] if k != "matchings"}
+        shared = set.intersection(*(set(row) for row in rows)) - {"matchings"}  # runs of other versions
+        mean = {k: statistics.fmean(row[k] for row in rows) for k in shared}
         print(f"  test accuracy of a round-1 matching, {measure:6s} ({len(rows)} seed(s)): everyone alone "
               f"{mean['alone']:.3f}, random {mean['random']:.3f}, best {mean['best']:.3f} "
               f"(+{mean['best'] - mean['random']:.3f}), worst "
@@ -426,6 +427,27 @@ def report(results: list[dict]) -> None:
               f"passed {mean['spearman_lead_answers']:+.2f}, with right answers {mean['spearman_lead_right']:+.2f}")
         print("  filters: " + ", ".join(f"{keep} {mean[f'{keep}_answers']:.1f} a pair, "
                                         f"{mean[f'{keep}_precision']:.3f} right" for keep in FILTERS))
+
+
+def promotion_report(results: list[dict]) -> None:
+    """What the daemon's promotion tiebreak (`validates_better`: at equal validation accuracy, the lower loss)
+    changes against accuracy alone, from every pair's measured validation gain, loss drop and tests."""
+    diffs = []
+    for r in results:
+        for p in r["pairs"]:
+            before = r["agents"][str(p["student"])]["base_test"]
+            by_accuracy = p["val_gain"] > 0
+            with_tiebreak = by_accuracy or (p["val_gain"] == 0 and p["loss_drop"] > 0)
+            diffs.append((p["shadow_test"] if with_tiebreak else before) - (p["shadow_test"] if by_accuracy
+                                                                            else before))
+    decided = [d for d in diffs if d != 0]
+    if len(diffs) < 2:
+        return
+    sem = statistics.stdev(diffs) / len(diffs) ** 0.5
+    print(f"  promotion, {len(diffs)} pairs: a validation-accuracy tie broken by the loss changed "
+          f"{sum(1 for r in results for p in r['pairs'] if p['val_gain'] == 0 and p['loss_drop'] > 0)} "
+          f"decisions, the test accuracy {statistics.fmean(diffs):+.4f} ± {sem:.4f} a pair (better in "
+          f"{sum(d > 0 for d in decided)}, worse in {sum(d < 0 for d in decided)})")
 
 
 def compare(baseline: list[dict], results: list[dict]) -> None:
@@ -503,6 +525,7 @@ if __name__ == "__main__":
         for seed_result in merged:
             summarise(seed_result)
         report(merged)
+        promotion_report(merged)
         if arguments.baseline:
             compare(saved_seeds(arguments.baseline), merged)
     else:

@@ -1048,3 +1048,17 @@ async def test_a_given_transfer_file_is_read_once_a_round_and_again_when_it_chan
     given.unlink()
     with pytest.raises(tasks.DataError, match="cannot read"):
         await service._transfer_prompts(4)
+
+
+def test_a_shadow_validates_better_by_accuracy_then_at_equal_accuracy_by_loss() -> None:
+    from knexa.node.learn.agent import Evaluation, validates_better
+
+    def ev(accuracy: float, loss: float | None) -> Evaluation:
+        return Evaluation(accuracy, {}, (), loss)
+
+    assert validates_better(ev(0.5, 2.0), ev(0.4, 1.0))  # more accurate wins, whatever the loss
+    assert not validates_better(ev(0.4, 1.0), ev(0.5, 2.0))
+    assert validates_better(ev(0.5, 1.0), ev(0.5, 1.1))  # a tie goes to the lower loss
+    assert not validates_better(ev(0.5, 1.1), ev(0.5, 1.0))
+    assert not validates_better(ev(0.5, 1.0), ev(0.5, 1.0))  # nothing better: the live adapter stays
+    assert not validates_better(ev(0.5, None), ev(0.5, 1.0))  # no loss measured: a tie stays a tie
