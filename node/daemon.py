@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import ipaddress
 import logging
 import os
@@ -525,6 +526,10 @@ async def run_until_signal(new_daemon: Callable[[], Daemon]) -> None:
             cause = describe(stopped.__cause__) if stopped.__cause__ is not None else "none reported"
             log.warning('event=restarting peer=%s reason="%s" cause="%s" delay_s=%s', daemon.peer_id, stopped,
                         cause, RESTART_DELAY_S)
+            # The stopped node's model goes before the next one loads its own, so that memory need not hold
+            # two (the exception's traceback holds the old node's frames too).
+            del daemon, stopped
+            gc.collect()
             await trio.sleep(RESTART_DELAY_S)
 
 

@@ -3,9 +3,11 @@ bad input, crashes, overload and loop responsiveness."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import msgpack
@@ -337,6 +339,18 @@ async def test_the_worker_thread_is_joined_on_exit(tiny_llama_dir: Path) -> None
         assert any(t.name == "knexa-engine" for t in threading.enumerate())
         await engine.generate(greedy("hi", max_new_tokens=2))
     assert not [t for t in threading.enumerate() if t.name == "knexa-engine" and t.ident not in before]
+
+
+async def test_a_closed_engine_lets_go_of_its_model_while_the_engine_object_lives(tiny_llama_dir: Path) -> None:
+    # A daemon restarted in place leaves its old objects to the garbage collector, which may take its time:
+    # the old model must not wait for it beside the new one.
+    async with Engine.open(engine_config(tiny_llama_dir)) as engine:
+        await engine.generate(greedy("hi", max_new_tokens=2))
+        model = weakref.ref(engine._worker.model.model)
+        engine.tokenizer()  # the trio side's copy holds the model's state too
+    gc.collect()
+    assert model() is None
+    assert engine.status()["model"] is None and engine.adapters() == []
 
 
 async def test_auto_dtype_is_measured_once_and_remembered(tiny_llama_dir: Path, tmp_path: Path) -> None:

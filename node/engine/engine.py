@@ -116,6 +116,7 @@ class Engine:
             job.reply.send(EngineClosed("the engine shut down before the request started"))
         # The worker finishes its current step (or its model load) and exits; no stray thread remains.
         await trio.to_thread.run_sync(self._worker.thread.join)
+        self._tokenizer_copy = None  # it holds the model's state too
 
     # Operations ----------------------------------------------------------------------------------
 

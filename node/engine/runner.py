@@ -129,6 +129,12 @@ class Worker:
                 except Exception as exc:  # the model failed: fail what is in flight, then recover
                     self._recover(exc)
         self._fail_in_flight(EngineClosed("the engine shut down"))
+        # A closed engine lets go of its model at once, whoever still holds the engine object (a daemon
+        # restarted in place leaves its old objects to the garbage collector): memory, a GPU's above all,
+        # then need not hold the old model beside the new one.
+        self.model, self._batch, self.training, self._train_job, self.rows = None, None, None, None, []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _round(self) -> bool:
         """Admit new work, then run one decode step. False once the queue is closed."""
