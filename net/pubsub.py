@@ -65,7 +65,12 @@ async def open_pubsub(host: IHost) -> AsyncIterator[Pubsub]:
     """Run GossipSub on `host` (already running) for the block's duration."""
     router = build_gossipsub()
     pubsub = Pubsub(host, router, strict_signing=True)
-    async with background_trio_service(pubsub):
-        async with background_trio_service(router):
-            await pubsub.wait_until_ready()
-            yield pubsub
+    try:
+        async with background_trio_service(pubsub):
+            async with background_trio_service(router):
+                await pubsub.wait_until_ready()
+                yield pubsub
+    finally:
+        # py-libp2p's seen-message cache sweeps in a thread of its own that nothing else stops (one more
+        # would stay behind for every pubsub, e.g. each daemon restarted in place); stopping it is immediate.
+        pubsub.seen_messages.stop()

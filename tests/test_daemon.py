@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 
 import trio
 
@@ -214,3 +215,12 @@ async def test_a_node_whose_network_keeps_stopping_gives_up_with_the_reason(tmp_
     assert "not restarting again" in str(failure)
     assert len(made) == 2
     assert not (tmp_path / "a" / STATE_FILE).exists()
+
+
+async def test_a_stopped_daemon_leaves_no_thread_behind(tmp_path):
+    before = {t.ident for t in threading.enumerate()}
+    async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b", [p2p_addr(a)]) as b:
+        await wait_for(lambda: _sees(b, {a.peer_id}))
+    # trio keeps idle worker threads of its own for a while; anything else is left behind by a stopped node.
+    left = [t.name for t in threading.enumerate() if t.ident not in before and not t.name.startswith("Trio thread")]
+    assert not left
