@@ -21,7 +21,9 @@ from rich.console import Console
 from knexa.cli.render import print_peers
 from knexa.node.paths import STATE_FILE, TOKEN_FILE
 
-START_TIMEOUT_S = 30.0
+# A daemon's first start on a cold machine imports torch and transformers from disk: a run here right after a
+# long test run took over 30 s. A node that exits is reported at once whatever this is.
+START_TIMEOUT_S = 120.0
 MESH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 ENGINE_TIMEOUT_S = 600.0
