@@ -1062,3 +1062,17 @@ def test_a_shadow_validates_better_by_accuracy_then_at_equal_accuracy_by_loss() 
     assert not validates_better(ev(0.5, 1.1), ev(0.5, 1.0))
     assert not validates_better(ev(0.5, 1.0), ev(0.5, 1.0))  # nothing better: the live adapter stays
     assert not validates_better(ev(0.5, None), ev(0.5, 1.0))  # no loss measured: a tie stays a tie
+
+
+def test_alike_members_are_paired_differently_from_round_to_round_and_every_node_agrees() -> None:
+    # Members with the same profile score alike on every pair: were ties broken by id, the same pairs would be
+    # tried every round and the others never.
+    alike = [Candidate(f"peer{i:02d}", profile_vector({}, 0.0), 0.0) for i in range(4)]
+    bandit = new_bandit()
+    matchings = set()
+    for round_no in range(1, 13):
+        pairs = plan_pairs(alike, bandit, round_no)
+        assert choice_rejection(pairs, bandit, round_no) is None
+        assert plan_pairs(list(reversed(alike)), bandit, round_no) == pairs  # whatever order a node lists them
+        matchings.add(frozenset(frozenset((p.teacher, p.student)) for p in pairs))
+    assert len(matchings) == 3  # every way to pair four members

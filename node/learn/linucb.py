@@ -13,6 +13,7 @@ zero); the rewards move it from there.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -212,8 +213,14 @@ def plan_pairs(candidates: Sequence[Candidate], bandit: LinUCB, round_no: int) -
             x = pair_context(teacher.vector, student.vector)
             s = bandit.score(x, round_no)
             scored.append(PairChoice(teacher.peer_id, student.peer_id, tuple(float(v) for v in x), s.mean, s.width))
-    scored.sort(key=lambda p: (-p.ucb, p.teacher, p.student))
+    # Pairs that score alike (members with the same profile score alike on every pair) are taken in an order
+    # drawn from the round, the same at every node: by their ids, the same pairs would be tried every round.
+    scored.sort(key=lambda p: (-p.ucb, _tiebreak(round_no, p)))
     return _disjoint(scored, len(candidates) // 2)
+
+
+def _tiebreak(round_no: int, pair: PairChoice) -> bytes:
+    return hashlib.sha256(f"{round_no}/{pair.teacher}/{pair.student}".encode()).digest()
 
 
 def choice_rejection(pairs: Sequence[PairChoice], bandit: LinUCB, round_no: int,
