@@ -28,6 +28,8 @@ log = logging.getLogger("knexa.mesh")
 PING_SIZE = 32
 DIAL_TIMEOUT_S = 5.0
 IDENTIFY_TIMEOUT_S = 5.0
+# Ping intervals a peer may stay in the table with no connection in the swarm before the mesh drops it.
+UNLINKED_GRACE_PINGS = 3
 # Pings per second a node sends in all: with many peers each is pinged less often, so a
 # large mesh does not spend its CPU on RTT probes (a ping costs about a pubsub message).
 MAX_PINGS_PER_S = 2.0
@@ -195,16 +197,19 @@ class Mesh:
                 record.address, record.direction = address, direction
                 record.kind = "hole-punched" if record.kind == "hole-punched" and kind == "direct" else kind
             return
-        peer_id = str(peer)
+        self._forget(str(peer))
+
+    def _forget(self, peer_id: str, reason: str = "closed") -> None:
         record = self.table.disconnected(peer_id)
         if record is None:
             return
         self.disconnects += 1
         log.info(
-            "event=disconnect peer=%s addr=%s after_s=%.1f",
+            "event=disconnect peer=%s addr=%s after_s=%.1f reason=%s",
             peer_id,
             record.address,
             time.time() - record.connected_at,
+            reason,
         )
         scope = self._peer_scopes.pop(peer_id, None)
         if scope is not None:
@@ -215,8 +220,15 @@ class Mesh:
 
     async def _watch_peer(self, peer: PeerID, scope: trio.CancelScope) -> None:
         with scope:
-            await self._read_agent(peer)
+            if self._linked(peer):
+                await self._read_agent(peer)
             await self._ping_loop(peer)
+
+    def _linked(self, peer: PeerID) -> bool:
+        """Whether the swarm holds a connection to the peer. The watcher opens streams only then: on a peer
+        with none, `new_stream` dials it back, which would undo every disconnect that the swarm's notice
+        (sent a moment after the connection is gone) has not reached the mesh yet."""
+        return bool(self.host.get_network().get_connections(peer))
 
     async def _read_agent(self, peer: PeerID) -> None:
         record = self.table.get(str(peer))
@@ -237,8 +249,20 @@ class Mesh:
     async def _ping_loop(self, peer: PeerID) -> None:
         """Measure RTT on one reused ping stream (a new stream costs 6-25 ms)."""
         stream: INetStream | None = None
+        unlinked_since: float | None = None
         try:
             while True:
+                if not self._linked(peer):
+                    # py-libp2p forgets a connection whose close fails midway without a notice: past a few
+                    # pings' time with none, the peer is gone whatever the notices say.
+                    now = time.monotonic()
+                    unlinked_since = unlinked_since if unlinked_since is not None else now
+                    if now - unlinked_since >= UNLINKED_GRACE_PINGS * self.ping_interval_s:
+                        self._forget(str(peer), reason="no_connection")
+                        return
+                    await trio.sleep(ping_interval(self.ping_interval_s, len(self.table)))
+                    continue
+                unlinked_since = None
                 rtt_ms = None
                 with trio.move_on_after(DIAL_TIMEOUT_S):
                     try:

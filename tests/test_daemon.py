@@ -5,7 +5,10 @@ from __future__ import annotations
 import stat
 import threading
 
+import multiaddr
 import trio
+from libp2p.network.connection.swarm_connection import SwarmConn
+from libp2p.peer.id import ID as PeerID
 
 from knexa.node import daemon as daemon_module
 from knexa.node.config import NodeConfig
@@ -224,3 +227,22 @@ async def test_a_stopped_daemon_leaves_no_thread_behind(tmp_path):
     # trio keeps idle worker threads of its own for a while; anything else is left behind by a stopped node.
     left = [t.name for t in threading.enumerate() if t.ident not in before and not t.name.startswith("Trio thread")]
     assert not left
+
+
+async def test_a_peer_whose_disconnect_went_unnoticed_is_dropped_and_not_dialled_back(tmp_path, monkeypatch):
+    async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b") as b:
+        await a.mesh.connect(multiaddr.Multiaddr(p2p_addr(b)))  # neither is the other's bootstrap peer
+        await wait_for(lambda: _sees(a, {b.peer_id}))
+        await wait_for(lambda: _sees(b, {a.peer_id}))
+
+        # py-libp2p forgets a connection whose close fails midway without telling its notifees.
+        async def no_notice(self) -> None:
+            return None
+
+        monkeypatch.setattr(SwarmConn, "_notify_disconnected", no_notice)
+        b_id = PeerID.from_base58(b.peer_id)
+        await a.host.disconnect(b_id)
+        await wait_for(lambda: _sees_none(a), 10)
+        await wait_for(lambda: _sees_none(b), 10)
+        assert a.mesh.disconnects == 1 and b.mesh.disconnects == 1
+        assert not a.host.get_network().get_connections(b_id)  # the mesh's pings did not dial it back
