@@ -432,22 +432,22 @@ def report(results: list[dict]) -> None:
 def promotion_report(results: list[dict]) -> None:
     """What the daemon's promotion tiebreak (`validates_better`: at equal validation accuracy, the lower loss)
     changes against accuracy alone, from every pair's measured validation gain, loss drop and tests."""
-    diffs = []
+    diffs, changed = [], 0
     for r in results:
         for p in r["pairs"]:
-            before = r["agents"][str(p["student"])]["base_test"]
-            by_accuracy = p["val_gain"] > 0
-            with_tiebreak = by_accuracy or (p["val_gain"] == 0 and p["loss_drop"] > 0)
-            diffs.append((p["shadow_test"] if with_tiebreak else before) - (p["shadow_test"] if by_accuracy
-                                                                            else before))
-    decided = [d for d in diffs if d != 0]
+            kept, by_accuracy = learner.improves(p["val_gain"], p["loss_drop"]), p["val_gain"] > 0
+            if kept != by_accuracy:
+                changed += 1
+                shadow_minus_live = p["shadow_test"] - r["agents"][str(p["student"])]["base_test"]
+                diffs.append(shadow_minus_live if kept else -shadow_minus_live)
+            else:
+                diffs.append(0.0)
     if len(diffs) < 2:
         return
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5
-    print(f"  promotion, {len(diffs)} pairs: a validation-accuracy tie broken by the loss changed "
-          f"{sum(1 for r in results for p in r['pairs'] if p['val_gain'] == 0 and p['loss_drop'] > 0)} "
+    print(f"  promotion, {len(diffs)} pairs: a validation-accuracy tie broken by the loss changed {changed} "
           f"decisions, the test accuracy {statistics.fmean(diffs):+.4f} ± {sem:.4f} a pair (better in "
-          f"{sum(d > 0 for d in decided)}, worse in {sum(d < 0 for d in decided)})")
+          f"{sum(d > 0 for d in diffs)}, worse in {sum(d < 0 for d in diffs)})")
 
 
 def compare(baseline: list[dict], results: list[dict]) -> None:

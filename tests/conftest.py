@@ -35,16 +35,16 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
-@asynccontextmanager
-async def running_daemon(
+def node_config(
     data_dir: Path,
     bootstrap: list[str] | None = None,
     port: int = 0,
     model: str = "none",
     cache_dir: Path | None = None,
     **settings: object,
-) -> AsyncIterator[Daemon]:
-    config = NodeConfig(
+) -> NodeConfig:
+    """A test node's configuration: loopback only, an ephemeral API port, quick pings."""
+    return NodeConfig(
         data_dir=data_dir,
         listen=[f"/ip4/127.0.0.1/tcp/{port}"],
         bootstrap=bootstrap or [],
@@ -54,7 +54,18 @@ async def running_daemon(
         cache_dir=cache_dir or data_dir / "cache",
         **settings,
     ).validate()
-    daemon = Daemon(config)
+
+
+@asynccontextmanager
+async def running_daemon(
+    data_dir: Path,
+    bootstrap: list[str] | None = None,
+    port: int = 0,
+    model: str = "none",
+    cache_dir: Path | None = None,
+    **settings: object,
+) -> AsyncIterator[Daemon]:
+    daemon = Daemon(node_config(data_dir, bootstrap, port, model, cache_dir, **settings))
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         try:

@@ -11,11 +11,18 @@ from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.peer.id import ID as PeerID
 
 from knexa.node import daemon as daemon_module
-from knexa.node.config import NodeConfig
 from knexa.node.daemon import Daemon, DaemonError, run_until_signal
 from knexa.node.errors import find_exception
 from knexa.node.paths import STATE_FILE, TOKEN_FILE
-from tests.conftest import api_get, free_port, p2p_addr, peer_ids_seen, running_daemon, wait_for
+from tests.conftest import (
+    api_get,
+    free_port,
+    node_config,
+    p2p_addr,
+    peer_ids_seen,
+    running_daemon,
+    wait_for,
+)
 
 
 async def test_two_nodes_connect_via_bootstrap(tmp_path):
@@ -150,11 +157,6 @@ async def test_a_node_does_not_dial_peers_it_merely_knows(tmp_path):
         assert not network.auto_connector._started  # its periodic dialling task never ran
 
 
-def _node_config(data_dir, bootstrap: list[str]) -> NodeConfig:
-    return NodeConfig(data_dir=data_dir, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=bootstrap, api_port=0,
-                      ping_interval_s=0.5, model="none", cache_dir=data_dir / "cache").validate()
-
-
 async def _stop_network(daemon: Daemon) -> None:
     await daemon.host.get_network().manager.stop()
 
@@ -173,7 +175,7 @@ async def test_a_node_whose_network_stops_is_restarted_in_place_and_rejoins(tmp_
         made: list[Daemon] = []
 
         def new_daemon() -> Daemon:
-            made.append(Daemon(_node_config(tmp_path / "a", [p2p_addr(b)])))
+            made.append(Daemon(node_config(tmp_path / "a", [p2p_addr(b)])))
             return made[-1]
 
         async with trio.open_nursery() as nursery:
@@ -198,7 +200,7 @@ async def test_a_node_whose_network_keeps_stopping_gives_up_with_the_reason(tmp_
     made: list[Daemon] = []
 
     def new_daemon() -> Daemon:
-        made.append(Daemon(_node_config(tmp_path / "a", [])))
+        made.append(Daemon(node_config(tmp_path / "a")))
         return made[-1]
 
     async def stop_each_network() -> None:
