@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -449,7 +450,10 @@ class Daemon:
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 1.0
         try:
-            await serve(create_app(self), config, task_status=task_status)
+            # FastAPI keeps every endpoint it classified in process-wide caches (fastapi.dependencies.models),
+            # so the app's routes see the daemon through a weak proxy: a stopped daemon must be freed (a node
+            # that restarts in place makes a new one in the same process).
+            await serve(create_app(weakref.proxy(self)), config, task_status=task_status)
         except BaseException as exc:
             os_error = find_exception(exc, OSError)
             if os_error is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import stat
 import threading
+import weakref
 
 import multiaddr
 import trio
@@ -229,6 +231,18 @@ async def test_a_stopped_daemon_leaves_no_thread_behind(tmp_path):
     # trio keeps idle worker threads of its own for a while; anything else is left behind by a stopped node.
     left = [t.name for t in threading.enumerate() if t.ident not in before and not t.name.startswith("Trio thread")]
     assert not left
+
+
+async def test_a_stopped_daemon_is_freed(tmp_path):
+    # A node restarted in place makes a new Daemon in the same process; the old one, with everything it
+    # holds, must go (FastAPI's process-wide caches kept every route closure, and so the daemon, alive).
+    async with running_daemon(tmp_path / "a") as a:
+        await api_get(a, "/v1/health")
+        await api_get(a, "/v1/peers")
+        stopped = weakref.ref(a)
+    del a
+    gc.collect()
+    assert stopped() is None
 
 
 async def test_a_peer_whose_disconnect_went_unnoticed_is_dropped_and_not_dialled_back(tmp_path, monkeypatch):
