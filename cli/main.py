@@ -13,6 +13,7 @@ from rich.console import Console
 from knexa.cli.kv import fuser_app
 from knexa.net.identity import IdentityError, load_or_create_identity, peer_id_of
 from knexa.net.version import KNEXA_VERSION
+from knexa.node.config import DEFAULT_LISTEN, NodeConfig
 
 app = typer.Typer(
     name="knexa-node",
@@ -26,17 +27,25 @@ if not console.is_terminal:
     # Piped output goes to scripts and logs: never cut a table at 80 columns.
     console.width = 200
 
+_DEFAULTS = NodeConfig()
+
+
+def _help(text: str, default: object) -> str:
+    # Help text is rich markup, which would take a bare "[default: ...]" for a style tag and drop it.
+    return f"{text} \\[default: {default}]."
+
+
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", "-d", help="Node data directory [default: the user data dir]."),
+    typer.Option("--data-dir", "-d", help=_help("Node data directory", 'the user data dir')),
 ]
 ConfigFile = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="TOML config file [default: <data dir>/config.toml]."),
+    typer.Option("--config", "-c", help=_help("TOML config file", '<data dir>/config.toml')),
 ]
-Api = Annotated[str | None, typer.Option("--api", help="Daemon API URL [default: from the data dir].")]
+Api = Annotated[str | None, typer.Option("--api", help=_help("Daemon API URL", 'from the data dir'))]
 Token = Annotated[
-    str | None, typer.Option("--token", help="API token [default: KNEXA_API_TOKEN or <data dir>/api.token].")
+    str | None, typer.Option("--token", help=_help("API token", 'KNEXA_API_TOKEN or <data dir>/api.token'))
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -88,45 +97,64 @@ def start(
     config: ConfigFile = None,
     listen: Annotated[
         list[str] | None,
-        typer.Option("--listen", "-l", help="Multiaddr to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4001]."),
+        typer.Option("--listen", "-l", help=_help("Multiaddr to listen on (repeatable)", DEFAULT_LISTEN)),
     ] = None,
     bootstrap: Annotated[
         list[str] | None,
         typer.Option("--bootstrap", "-b", help="Bootstrap peer multiaddr with /p2p/<id> (repeatable)."),
     ] = None,
-    api_host: Annotated[str | None, typer.Option(help="Local API interface [default: 127.0.0.1].")] = None,
-    api_port: Annotated[int | None, typer.Option(help="Local API port, 0 for any [default: 7700].")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [default: info].")] = None,
-    ping_interval: Annotated[float | None, typer.Option(help="Seconds between pings [default: 5].")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="'embedded' (shipped SmolLM2), a Hugging Face model folder, or 'none'.")
+    api_host: Annotated[str | None, typer.Option(help=_help("Local API interface", _DEFAULTS.api_host))] = None,
+    api_port: Annotated[int | None, typer.Option(help=_help("Local API port, 0 for any", _DEFAULTS.api_port))] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help=_help("debug, info, warning or error", _DEFAULTS.log_level))
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
+    ping_interval: Annotated[
+        float | None, typer.Option(help=_help("Seconds between pings", _DEFAULTS.ping_interval_s))
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help=_help("'embedded' (the shipped SmolLM2), a model folder or 'none'", _DEFAULTS.model)),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help=_help("auto, cpu, cuda or cuda:N", _DEFAULTS.device))] = None,
     dht_mode: Annotated[
-        str | None, typer.Option(help="auto (client once AutoNAT says private), server, client [default: auto].")
+        str | None,
+        typer.Option(help=_help("auto (client once AutoNAT says private), server, client", _DEFAULTS.dht_mode)),
     ] = None,
     reachability: Annotated[
-        str | None, typer.Option(help="auto (AutoNAT decides), public or private [default: auto].")
+        str | None, typer.Option(help=_help("auto (AutoNAT decides), public or private", _DEFAULTS.reachability))
     ] = None,
     relay_service: Annotated[
-        str | None, typer.Option(help="Serve as a circuit relay: auto (once public), on, off [default: auto].")
+        str | None,
+        typer.Option(help=_help("Serve as a circuit relay: auto (once public), on, off", _DEFAULTS.relay_service)),
     ] = None,
     relay: Annotated[
         list[str] | None, typer.Option("--relay", help="Relay multiaddr with /p2p/<id> to reserve on (repeatable).")
     ] = None,
-    max_relays: Annotated[int | None, typer.Option(help="Reservations a private node holds [default: 2].")] = None,
-    hole_punch: Annotated[str | None, typer.Option(help="DCUtR hole punching: on or off [default: on].")] = None,
+    max_relays: Annotated[
+        int | None, typer.Option(help=_help("Reservations a private node holds", _DEFAULTS.max_relays))
+    ] = None,
+    hole_punch: Annotated[
+        str | None, typer.Option(help=_help("DCUtR hole punching: on or off", _DEFAULTS.hole_punch))
+    ] = None,
     relay_max_reservations: Annotated[
-        int | None, typer.Option(help="As a relay: reservations held at once [default: 64].")
+        int | None, typer.Option(help=_help("As a relay: reservations held at once", _DEFAULTS.relay_max_reservations))
     ] = None,
     relay_reservation_ttl: Annotated[
-        int | None, typer.Option(help="As a relay: reservation lifetime in seconds [default: 3600].")
+        int | None,
+        typer.Option(help=_help("As a relay: reservation lifetime in seconds", _DEFAULTS.relay_reservation_ttl_s)),
     ] = None,
     relay_max_circuit_duration: Annotated[
-        int | None, typer.Option(help="As a relay: seconds one relayed connection may last [default: 3600].")
+        int | None,
+        typer.Option(
+            help=_help("As a relay: seconds one relayed connection may last", _DEFAULTS.relay_max_circuit_duration_s)
+        ),
     ] = None,
     relay_max_circuit_bytes: Annotated[
-        int | None, typer.Option(help="As a relay: bytes one relayed connection may carry [default: 256 MiB].")
+        int | None,
+        typer.Option(
+            help=_help("As a relay: bytes one relayed connection may carry",
+                       f"{_DEFAULTS.relay_max_circuit_bytes >> 20} MiB")
+        ),
     ] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM."""
@@ -476,7 +504,7 @@ def testnet(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=32, help="How many daemons.")] = 3,
     keep: Annotated[bool, typer.Option(help="Keep the mesh running until Ctrl-C.")] = False,
     base_dir: Annotated[
-        Path | None, typer.Option(help="Where the nodes' data dirs go [default: a temporary dir].")
+        Path | None, typer.Option(help=_help("Where the nodes' data dirs go", 'a temporary dir'))
     ] = None,
     model: Annotated[str, typer.Option(help="Each node's model: 'embedded', a folder, or 'none'.")] = "embedded",
 ) -> None:

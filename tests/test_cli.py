@@ -252,6 +252,15 @@ def test_help_lists_commands():
         assert command in result.stdout
 
 
+def test_start_help_shows_each_default():
+    result = cli("start", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    # rich markup would swallow a bare "[default: ...]"
+    for shown in ("[default: 7700]", "[default: embedded]", "[default: /ip4/0.0.0.0/tcp/4001]",
+                  "[default: 256 MiB]", "[default: the user data dir]"):
+        assert shown in result.stdout
+
+
 def test_config_file_sets_flags_and_flags_override(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text('[node]\nlisten = ["/ip4/127.0.0.1/tcp/4999"]\napi_port = 7799\n')
