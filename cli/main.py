@@ -13,7 +13,7 @@ from rich.console import Console
 from knexa.cli.kv import fuser_app
 from knexa.net.identity import IdentityError, load_or_create_identity, peer_id_of
 from knexa.net.version import KNEXA_VERSION
-from knexa.node.config import DEFAULT_LISTEN, NodeConfig
+from knexa.node.config import DEFAULT_LISTEN, NodeConfig, default_data_dir
 
 app = typer.Typer(
     name="knexa-node",
@@ -37,15 +37,15 @@ def _help(text: str, default: object) -> str:
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", "-d", help=_help("Node data directory", 'the user data dir')),
+    typer.Option("--data-dir", "-d", help=_help("Node data directory", default_data_dir())),
 ]
 ConfigFile = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help=_help("TOML config file", '<data dir>/config.toml')),
+    typer.Option("--config", "-c", help=_help("TOML config file", "<data dir>/config.toml")),
 ]
-Api = Annotated[str | None, typer.Option("--api", help=_help("Daemon API URL", 'from the data dir'))]
+Api = Annotated[str | None, typer.Option("--api", help=_help("Daemon API URL", "from the data dir"))]
 Token = Annotated[
-    str | None, typer.Option("--token", help=_help("API token", 'KNEXA_API_TOKEN or <data dir>/api.token'))
+    str | None, typer.Option("--token", help=_help("API token", "KNEXA_API_TOKEN or <data dir>/api.token"))
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -286,8 +286,8 @@ def connect(
 def ask(
     prompt: Annotated[str, typer.Argument(help="The question.")],
     peer: Annotated[str | None, typer.Option(help="Run it on this peer's engine over signed RPC.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Most tokens in the answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     adapter: Annotated[str | None, typer.Option(help="A loaded LoRA adapter id.")] = None,
     collab: Annotated[
@@ -504,7 +504,7 @@ def testnet(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=32, help="How many daemons.")] = 3,
     keep: Annotated[bool, typer.Option(help="Keep the mesh running until Ctrl-C.")] = False,
     base_dir: Annotated[
-        Path | None, typer.Option(help=_help("Where the nodes' data dirs go", 'a temporary dir'))
+        Path | None, typer.Option(help=_help("Where the nodes' data dirs go", "a temporary dir"))
     ] = None,
     model: Annotated[str, typer.Option(help="Each node's model: 'embedded', a folder, or 'none'.")] = "embedded",
 ) -> None:

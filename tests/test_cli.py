@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from knexa.node.config import default_data_dir
 from knexa.node.testnet import (
     LocalNode,
     start_daemon,
@@ -257,7 +258,7 @@ def test_start_help_shows_each_default():
     assert result.returncode == 0
     # rich markup would swallow a bare "[default: ...]"
     for shown in ("[default: 7700]", "[default: embedded]", "[default: /ip4/0.0.0.0/tcp/4001]",
-                  "[default: 256 MiB]", "[default: the user data dir]"):
+                  "[default: 256 MiB]", f"[default: {default_data_dir()}]"):
         assert shown in result.stdout
 
 
