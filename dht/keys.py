@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from libp2p.peer.id import ID as PeerID
 
+from knexa.net import identity
+
 RECORD_NAMESPACE = "knexa"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MULTIHASH_SHA256 = b"\x12\x20"
@@ -32,12 +34,9 @@ def _peer_id(owner: PeerID | str) -> PeerID:
     if isinstance(owner, PeerID):
         return owner
     try:
-        pid = PeerID.from_base58(owner)
-    except Exception:
+        return identity.parse_peer_id(owner)
+    except identity.PeerIdError:
         raise DhtKeyError(f"invalid peer id {owner!r}") from None
-    if not pid.to_bytes():
-        raise DhtKeyError(f"invalid peer id {owner!r}")
-    return pid
 
 
 def parse_peer_id(text: PeerID | str) -> PeerID:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import multihash
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID as PeerID
@@ -16,6 +17,10 @@ _SEED_LEN = 32
 
 class IdentityError(Exception):
     """The identity key file exists but cannot be used."""
+
+
+class PeerIdError(ValueError):
+    """Text that is not a peer id."""
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -75,3 +80,14 @@ def public_key_from_peer_id(peer_id: PeerID) -> Ed25519PublicKey:
     if not isinstance(pub, Ed25519PublicKey):
         raise IdentityError(f"peer id {peer_id} does not embed an Ed25519 key")
     return pub
+
+
+def parse_peer_id(text: str) -> PeerID:
+    """A peer id from its base58 text; PeerIdError unless it is a well-formed multihash. Any base58 string
+    decodes to some bytes ("garbage" does), so decoding alone accepts ids no peer can have."""
+    try:
+        peer = PeerID.from_base58(text)
+        multihash.decode(peer.to_bytes())
+    except Exception:  # base58 and multihash errors come in several types
+        raise PeerIdError(f"not a peer id: {text!r}") from None
+    return peer

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel
 
 from knexa.dht import DhtKeyError, DiscoveryError
+from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.version import KNEXA_VERSION
 from knexa.node.collab.api import add_collab_routes
 from knexa.node.kvshare.api import add_kv_routes
@@ -167,9 +167,9 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def find_peer(peer_id: str) -> Any:
         """A peer's addresses, resolved through the DHT."""
         try:
-            PeerID.from_base58(peer_id)
-        except ValueError:
-            raise HTTPException(400, f"not a peer id: {peer_id!r}") from None
+            parse_peer_id(peer_id)
+        except PeerIdError as exc:
+            raise HTTPException(400, str(exc)) from None
         started = time.perf_counter()
         try:
             found = await daemon.discovery.find_peer(peer_id, timeout=10)

@@ -68,8 +68,14 @@ async def remote_generate(
     rpc: RpcService, peer: PeerID, call: GenerateCall, timeout_s: float = 300.0
 ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
     """Stream a generation from `peer`: `{"delta": ...}` items, then `{"result": ...}`."""
-    async with rpc.server_stream(peer, METHOD_GENERATE, call, timeout=timeout_s) as responses:
-        yield responses
+    try:
+        async with rpc.server_stream(peer, METHOD_GENERATE, call, timeout=timeout_s) as responses:
+            yield responses
+    except RpcError as exc:
+        # A node started with model = none registers no engine methods at all.
+        if exc.code != ErrorCode.UNKNOWN_METHOD:
+            raise
+        raise RpcError(ErrorCode.UNAVAILABLE, f"peer {peer} runs no model") from None
 
 
 async def remote_prefill(

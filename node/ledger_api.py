@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from fastapi import APIRouter, HTTPException
-from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel, Field
 
 from knexa.crdt.reputation import MAX_REASON_CHARS
+from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.node.ledger_view import entry_view
 
 if TYPE_CHECKING:
@@ -35,9 +35,9 @@ def add_ledger_routes(router: APIRouter, daemon: Daemon) -> None:
     async def report(request: ReportRequest) -> Any:
         """Sign a reputation report about a peer (score 0 = caught failing, 1 = good) and spread it."""
         try:
-            PeerID.from_base58(request.subject)
-        except Exception:
-            raise HTTPException(400, f"not a peer id: {request.subject!r}") from None
+            parse_peer_id(request.subject)
+        except PeerIdError as exc:
+            raise HTTPException(400, str(exc)) from None
         if request.subject == daemon.peer_id:
             raise HTTPException(400, "a node does not report about itself")
         return entry_view(daemon.report_peer(request.subject, request.score, request.reason))

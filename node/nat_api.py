@@ -11,6 +11,7 @@ from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel, Field
 
 from knexa.net.host import AddressError, parse_multiaddr
+from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.nat.echo import MAX_ECHO_BYTES, measure_echo
 from knexa.net.nat.policy import is_circuit
 from knexa.net.rpc import RpcError
@@ -65,10 +66,6 @@ def add_nat_routes(router: APIRouter, daemon: Daemon) -> None:
 
 def _peer_id(text: str) -> PeerID:
     try:
-        peer = PeerID.from_base58(text)
-    except Exception:  # base58 and multihash errors come in several types
-        peer = None
-    # Short base58 strings decode to a few bytes; a real peer id is a multihash of 34+ bytes.
-    if peer is None or len(peer.to_bytes()) < 34:
-        raise HTTPException(400, f"not a peer id: {text!r}")
-    return peer
+        return parse_peer_id(text)
+    except PeerIdError as exc:
+        raise HTTPException(400, str(exc)) from None

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
-from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel, Field
 
+from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.rpc import ErrorCode, RpcError
 from knexa.node.inference_wire import MAX_NEW_TOKENS, GenerateCall, GenerateParams, Message, remote_generate
 
@@ -70,9 +70,9 @@ async def _events(daemon: Daemon, request: ChatRequest) -> AsyncIterator[dict[st
     """`{"delta": text}` items then `{"result": {...}}`, locally or from a peer."""
     if request.peer:
         try:
-            peer = PeerID.from_base58(request.peer)
-        except ValueError:
-            raise HTTPException(400, f"not a peer id: {request.peer!r}") from None
+            peer = parse_peer_id(request.peer)
+        except PeerIdError as exc:
+            raise HTTPException(400, str(exc)) from None
         async with remote_generate(daemon.rpc, peer, request.to_call()) as responses:
             async for item in responses:
                 yield item
@@ -139,16 +139,19 @@ def add_openai_routes(router: APIRouter, daemon: Daemon) -> None:
         try:
             # Refuse what can be refused before a 200 starts streaming.
             if request.peer:
-                PeerID.from_base58(request.peer)
+                parse_peer_id(request.peer)
             elif daemon.inference is None:
-                raise HTTPException(503, "this node runs no model (started with model = none); add a peer")
+                raise HTTPException(
+                    503, "this node runs no model (started with model = none); ask a peer that runs one "
+                    '("peer": <its peer id>, or knexa-node ask --peer)'
+                )
             else:
                 from knexa.node.inference import to_engine_request
 
                 to_engine_request(request.to_call()).validate()
                 daemon.require_inference().require_engine().status()
-        except ValueError:
-            raise HTTPException(400, f"not a peer id: {request.peer!r}") from None
+        except PeerIdError as exc:
+            raise HTTPException(400, str(exc)) from None
         except Exception as exc:
             if not _is_engine_error(exc):
                 raise

@@ -32,6 +32,7 @@ async def test_a_node_finds_a_model_and_its_server_two_hops_away(tmp_path, tiny_
                 unknown = str(PeerID.from_pubkey(create_new_key_pair().public_key))
                 assert (await api_get(c, f"/v1/find/peer/{unknown}")).status_code == 404
                 assert (await api_get(c, "/v1/find/peer/not-a-peer-id")).status_code == 400
+                assert (await api_get(c, "/v1/find/peer/garbage")).status_code == 400  # base58, not a multihash
                 nothing = (await api_get(c, "/v1/find/model/no-such-model")).json()
                 assert nothing["providers"] == []
 

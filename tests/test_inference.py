@@ -82,6 +82,8 @@ async def test_remote_completion_and_profile_in_the_ledger(tmp_path, tiny_model)
             assert response.json()["choices"][0]["message"]["content"]
             local = await _post(b, "/v1/chat/completions", {"messages": QUESTION})
             assert local.status_code == 503 and "no model" in local.text
+            modelless = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "peer": b.peer_id})
+            assert modelless.status_code == 503 and f"peer {b.peer_id} runs no model" in modelless.text
 
             def a_profile_has_model() -> bool:
                 profile = b.ledger.profiles().get(a.peer_id)

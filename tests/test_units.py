@@ -14,7 +14,9 @@ from knexa.net.failures import failure_reason
 from knexa.net.identity import (
     KEY_FILE,
     IdentityError,
+    PeerIdError,
     load_or_create_identity,
+    parse_peer_id,
     peer_id_of,
     public_key_from_peer_id,
 )
@@ -41,6 +43,17 @@ def test_corrupted_identity_is_a_clear_error(tmp_path, content):
     (tmp_path / KEY_FILE).write_bytes(content)
     with pytest.raises(IdentityError, match="corrupted"):
         load_or_create_identity(tmp_path)
+
+
+def test_peer_ids_parse_only_when_well_formed(tmp_path):
+    own = peer_id_of(load_or_create_identity(tmp_path))
+    assert parse_peer_id(own.to_base58()) == own
+    rsa_style = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # a sha2-256 multihash id
+    assert parse_peer_id(rsa_style).to_base58() == rsa_style
+    # "garbage" is valid base58; a truncated or lengthened id is not a multihash
+    for text in ("garbage", "", "0OIl", own.to_base58()[:-1], own.to_base58() + "a"):
+        with pytest.raises(PeerIdError, match="not a peer id"):
+            parse_peer_id(text)
 
 
 def test_state_files_are_replaced_whole_and_leave_no_scratch(tmp_path):
