@@ -119,6 +119,9 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
         # Serving during training: node 0 trains for 2000 steps; a request sent meanwhile is answered.
         response = await post(busy, "/v1/learn", {"data": str(write_data(tmp_path / "d0.jsonl", 0))})
         assert response.status_code == 200 and response.json()["started"]
+        assert response.json()["phase"] == "training" and response.json()["examples"]["train"] > 0
+        again = await post(busy, "/v1/learn", {"data": str(tmp_path / "d0.jsonl")})
+        assert again.status_code == 409 and "already training" in again.text
         engine = busy.inference.require_engine()
         await wait_for(lambda: engine.status()["training"] is not None, 60)
         answer = await engine.generate(GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=4),

@@ -229,16 +229,27 @@ class LearnService:
             raise LearnError("bad_request", str(exc)) from None
 
     async def start_learning(self, data_file: Path) -> None:
-        """`learn` in the background: the data file is checked now, training runs on."""
+        """`learn` in the background: the data file is checked now, and this returns once training has begun
+        (the status then says so); what fails later is reported in the status."""
         examples = await self._read(data_file)
         assert self._nursery is not None
-        self._nursery.start_soon(self._learn_logged, examples, data_file)
+        await self._nursery.start(self._learn_logged, examples, data_file)
 
-    async def _learn_logged(self, examples: list[tasks.Example], data_file: Path) -> None:
+    async def _learn_logged(self, examples: list[tasks.Example], data_file: Path, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        begun = False
+
+        def begin() -> None:
+            nonlocal begun
+            begun = True
+            task_status.started()
+
         try:
-            await self._learn(examples, data_file)
-        except Exception as exc:  # reported in status; the daemon goes on serving
-            self.last_error = describe(exc)
+            await self._learn(examples, data_file, on_training=begin)
+        except Exception as exc:
+            if not begun:
+                raise  # to start_learning's caller, as `learn` would
+            self.last_error = describe(exc)  # reported in status; the daemon goes on serving
             log.warning('event=learn_failed reason="%s"', self.last_error)
 
     async def learn(self, data_file: Path) -> dict[str, Any]:
@@ -264,7 +275,7 @@ class LearnService:
             log.warning('event=learn_rejoin_failed reason="%s"', self.last_error)
 
     async def _learn(self, examples: list[tasks.Example], data_file: Path, *,
-                     train_locally: bool = True) -> dict[str, Any]:
+                     train_locally: bool = True, on_training: Callable[[], None] = lambda: None) -> dict[str, Any]:
         self._check_can_train()
         self.last_error = None
         async with self._training:
@@ -278,6 +289,7 @@ class LearnService:
                 shared = (tasks.public_validation(self.settings.public_validation)
                           if tasks.uses_task_family(examples) else [])
                 self.val, self.shared_val = own_val + shared, len(shared)
+                on_training()
                 self.evaluation = await learner.evaluate(engine, LIVE_ADAPTER, self.val)
                 self.rejoined = not train_locally
                 if train_locally:
