@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from knexa.dht import DhtKeyError, DiscoveryError
 from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.version import KNEXA_VERSION
+from knexa.node.body_limit import BodyLimit
 from knexa.node.collab.api import add_collab_routes
 from knexa.node.kvshare.api import add_kv_routes
 from knexa.node.learn.api import add_learn_routes
@@ -195,6 +196,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     add_learn_routes(router, daemon)
     add_ledger_routes(router, daemon)
     app.include_router(router)
+    app.add_middleware(BodyLimit)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=authed)
     async def metrics(request: Request) -> Any:

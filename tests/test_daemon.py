@@ -6,13 +6,16 @@ import gc
 import stat
 import threading
 import weakref
+from collections.abc import AsyncIterator
 
+import httpx
 import multiaddr
 import trio
 from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.peer.id import ID as PeerID
 
 from knexa.node import daemon as daemon_module
+from knexa.node.body_limit import MAX_REQUEST_BYTES
 from knexa.node.daemon import Daemon, DaemonError, run_until_signal
 from knexa.node.errors import find_exception
 from knexa.node.paths import STATE_FILE, TOKEN_FILE
@@ -243,6 +246,23 @@ async def test_a_stopped_daemon_is_freed(tmp_path):
     del a
     gc.collect()
     assert stopped() is None
+
+
+async def test_an_oversized_request_body_is_refused_and_the_api_goes_on(tmp_path):
+    async with running_daemon(tmp_path / "a") as a:
+        headers = {"Authorization": f"Bearer {a.api_token}", "Content-Type": "application/json"}
+        oversized = b'{"messages": [{"role": "user", "content": "' + b"x" * (MAX_REQUEST_BYTES + 1) + b'"}]}'
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused once past the cap
+            for start in range(0, len(oversized), 1 << 20):
+                yield oversized[start:start + (1 << 20)]
+
+        async with httpx.AsyncClient(base_url=a.api_url, timeout=30) as client:
+            announced = await client.post("/v1/chat/completions", content=oversized, headers=headers)
+            streamed = await client.post("/v1/chat/completions", content=chunks(), headers=headers)
+        for response in (announced, streamed):
+            assert response.status_code == 413 and "larger than" in response.text
+        assert (await api_get(a, "/v1/health")).status_code == 200
 
 
 async def test_a_peer_whose_disconnect_went_unnoticed_is_dropped_and_not_dialled_back(tmp_path, monkeypatch):
