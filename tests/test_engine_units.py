@@ -16,6 +16,7 @@ from knexa.node.engine.errors import (
     InvalidMessages,
     InvalidRequest,
 )
+from knexa.node.engine.forward_cache import cache_kwargs, output_cache
 from knexa.node.engine.generation import RowProgress
 from knexa.node.engine.identity import ModelIdentity
 from knexa.node.engine.kv import check_import, export_cache
@@ -329,3 +330,43 @@ def test_embedded_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.Monke
     second = models.ensure_embedded_model(tmp_path / "models", show_progress=False)
     assert first == second and (first / "config.json").is_file() and len(calls) == 1
     assert [p.name for p in (tmp_path / "models").iterdir()] == [first.name]
+
+
+class _OlderCausalLM:  # a transformers 5 release from before the `cache` argument
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+        raise NotImplementedError
+
+
+class _NewerCausalLM:
+    def forward(self, input_ids=None, cache=None, use_cache=None):
+        raise NotImplementedError
+
+
+class _Wrapped:  # as peft wraps a model: the base model's forward decides
+    def __init__(self, base: object) -> None:
+        self.base = base
+
+    def get_base_model(self) -> object:
+        return self.base
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes():
+    cache = object()
+    assert cache_kwargs(_OlderCausalLM(), cache) == {"past_key_values": cache}
+    assert cache_kwargs(_NewerCausalLM(), cache) == {"cache": cache}
+    assert cache_kwargs(_Wrapped(_NewerCausalLM()), cache) == {"cache": cache}
+    assert cache_kwargs(_Wrapped(_OlderCausalLM()), cache) == {"past_key_values": cache}
+
+
+def test_the_returned_cache_is_read_under_either_name():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    cache = object()
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    returned = CausalLMOutputWithPast(**{"cache" if "cache" in fields else "past_key_values": cache})
+    assert output_cache(returned) is cache
+
+    class Older:
+        past_key_values = cache
+
+    assert output_cache(Older()) is cache

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from .forward_cache import cache_kwargs
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,11 +41,11 @@ def decode_step_time(model: torch.nn.Module, steps: int = 4) -> float:
     best = float("inf")
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         next_id = input_ids[:, -1:]
         for _ in range(steps):
             start = time.perf_counter()
-            model(input_ids=next_id, past_key_values=cache, use_cache=True)
+            model(input_ids=next_id, use_cache=True, **cache_kwargs(model, cache))
             best = min(best, time.perf_counter() - start)
     return best
 

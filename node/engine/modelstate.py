@@ -18,6 +18,7 @@ from .adapters import AdapterSet
 from .config import EMBEDDED_MODEL, EngineConfig
 from .device import choose_device, choose_dtype, dtype_name, faster_on_cpu, parse_dtype
 from .errors import ContextLengthExceeded, InvalidMessages, InvalidRequest
+from .forward_cache import cache_kwargs, output_cache
 from .identity import ModelIdentity, tokenizer_sha256, weights_sha256
 from .kvbatch import build_cache, cache_pairs
 from .models import load_model_and_tokenizer, resolve_model_folder
@@ -109,12 +110,12 @@ class ModelState:
         output = self.runnable(
             input_ids=input_ids,
             position_ids=positions,
-            past_key_values=build_cache(past, self.model.config),
+            **cache_kwargs(self.model, build_cache(past, self.model.config)),
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **self.adapters.forward_kwargs([adapter]),
         )
-        return output.logits[0], cache_pairs(output.past_key_values)
+        return output.logits[0], cache_pairs(output_cache(output))
 
 
 def load_model_state(config: EngineConfig, reuse_identity: ModelIdentity | None = None) -> ModelState:
@@ -210,7 +211,7 @@ def _identify(folder: Path, model: Any, tokenizer: Any, dtype: torch.dtype, conf
     # One token through the model gives the cache layout exactly, whatever the config calls its fields.
     probe = torch.tensor([[tokenizer.eos_token_id or 0]], device=model.device)
     with torch.no_grad():
-        cache = model(input_ids=probe, use_cache=True, logits_to_keep=1).past_key_values
+        cache = output_cache(model(input_ids=probe, use_cache=True, logits_to_keep=1))
     keys = cache.layers[0].keys
     model_config = model.config
     context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)

@@ -28,6 +28,7 @@ from .errors import (
     IncompatibleCache,
     InvalidRequest,
 )
+from .forward_cache import cache_kwargs, output_cache
 from .generation import RowProgress
 from .jobs import AdapterJob, AnswerLossJob, GenerateJob, Job, PrefillJob, ScoreJob, TrainJob
 from .kv import check_import, export_cache
@@ -251,11 +252,11 @@ class Worker:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(model.model, cache),
             use_cache=True,
             **model.adapters.forward_kwargs([row.weights for row in rows]),
         )
-        batch.after_step(output.past_key_values)
+        batch.after_step(output_cache(output))
         self.layout.advance()
         tokens = pick_tokens(output.logits[:, -1], [r.progress.params for r in rows], [r.generator for r in rows])
         self._last_decode_s = time.perf_counter() - started

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from knexa.node.engine.forward_cache import cache_kwargs, output_cache
 from knexa.node.engine.kvbatch import build_cache, cache_pairs
 
 from .fuser import CacheFuser, PairList, align_tokens
@@ -43,8 +44,9 @@ class Side:
     @torch.no_grad()
     def prefill(self, ids: Sequence[int]) -> PairList:
         input_ids = torch.tensor([list(ids)], device=self.device)
-        output = self.model(input_ids=input_ids, past_key_values=build_cache(None, self.model.config), use_cache=True)
-        return cache_pairs(output.past_key_values)
+        output = self.model(input_ids=input_ids, use_cache=True,
+                            **cache_kwargs(self.model, build_cache(None, self.model.config)))
+        return cache_pairs(output_cache(output))
 
 
 def fused_loss(fuser: CacheFuser, receiver: Side, sharer: Side, text: str, split: float = 0.5) -> torch.Tensor | None:
@@ -66,7 +68,8 @@ def fused_loss(fuser: CacheFuser, receiver: Side, sharer: Side, text: str, split
     rest = torch.tensor([r_ids[cut - 1 :]], device=receiver.device)
     positions = torch.arange(cut - 1, len(r_ids), device=receiver.device).unsqueeze(0)
     cache = build_cache(fused, receiver.model.config)
-    output = receiver.model(input_ids=rest, position_ids=positions, past_key_values=cache, use_cache=True)
+    output = receiver.model(input_ids=rest, position_ids=positions, use_cache=True,
+                            **cache_kwargs(receiver.model, cache))
     logits = output.logits[0, :-1].float()
     return nn.functional.cross_entropy(logits, rest[0, 1:])
 
