@@ -11,10 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from hypothesis import settings
 
 from knexa.node.config import NodeConfig
 from knexa.node.daemon import Daemon
 
+# Property tests check what the code does, not how fast: hypothesis's default 200 ms per example failed a CI-like
+# run once when one example took 0.9 s on a loaded machine (and 0.5 ms on the rerun).
+settings.register_profile("knexa", deadline=None)
+settings.load_profile("knexa")
 
 def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range: a test that stops a node and starts it again
