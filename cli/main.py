@@ -278,6 +278,9 @@ def connect(
     if json_:
         _print_json(result)
         return
+    if result.get("already_connected"):
+        console.print(f"already connected to {result['peer_id']}; {addr} was not dialled", highlight=False)
+        return
     console.print(f"connected to {result['peer_id']} ({result['via']}) in {result['seconds'] * 1000:.0f} ms",
                   highlight=False)
 

@@ -41,15 +41,19 @@ def add_nat_routes(router: APIRouter, daemon: Daemon) -> None:
         started = time.perf_counter()
         text = str(addr)
         peer_text = text.rsplit("/p2p/", 1)[1]
+        peer = _peer_id(peer_text)
+        # For a peer it holds a connection to, py-libp2p dials nothing, whatever the address: say so, rather
+        # than report a connection over an address that was never tried (a circuit is dialled regardless).
+        already = not is_circuit(text) and bool(daemon.host.get_network().get_connections(peer))
         try:
             if is_circuit(text):
-                await daemon.nat.connect_relayed(PeerID.from_base58(peer_text), [text])
+                await daemon.nat.connect_relayed(peer, [text])
             else:
                 await daemon.mesh.connect(addr)
         except ConnectionError as exc:
             raise HTTPException(502, f"cannot connect to {text}: {exc}") from None
         return {"peer_id": peer_text, "via": "relay" if is_circuit(text) else "direct",
-                "seconds": round(time.perf_counter() - started, 4)}
+                "already_connected": already, "seconds": round(time.perf_counter() - started, 4)}
 
     @router.post("/v1/diag/echo")
     async def echo(request: EchoRequest) -> Any:

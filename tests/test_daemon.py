@@ -265,6 +265,17 @@ async def test_an_oversized_request_body_is_refused_and_the_api_goes_on(tmp_path
         assert (await api_get(a, "/v1/health")).status_code == 200
 
 
+async def test_connect_says_when_the_peer_was_connected_already(tmp_path):
+    async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b") as b:
+        headers = {"Authorization": f"Bearer {a.api_token}"}
+        async with httpx.AsyncClient(base_url=a.api_url, timeout=30) as client:
+            first = (await client.post("/v1/connect", json={"addr": p2p_addr(b)}, headers=headers)).json()
+            elsewhere = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{b.peer_id}"  # nothing listens there
+            second = (await client.post("/v1/connect", json={"addr": elsewhere}, headers=headers)).json()
+        assert first["peer_id"] == b.peer_id and first["already_connected"] is False
+        assert second["peer_id"] == b.peer_id and second["already_connected"] is True
+
+
 async def test_a_peer_whose_disconnect_went_unnoticed_is_dropped_and_not_dialled_back(tmp_path, monkeypatch):
     async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b") as b:
         await a.mesh.connect(multiaddr.Multiaddr(p2p_addr(b)))  # neither is the other's bootstrap peer
