@@ -150,6 +150,11 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/v1/ledger", response_model=LedgerListing, dependencies=authed)
     async def ledger(peer: str | None = None) -> Any:
         """Ledger entries (all verified on merge), optionally only those authored by `peer`."""
+        if peer is not None:
+            try:
+                parse_peer_id(peer)
+            except PeerIdError as exc:  # a shortened id from a table would otherwise match nothing, silently
+                raise HTTPException(400, str(exc)) from None
         return daemon.ledger_view(peer)
 
     @app.get("/v1/find/model/{name_or_hash}", dependencies=authed)

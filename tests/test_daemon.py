@@ -276,6 +276,15 @@ async def test_connect_says_when_the_peer_was_connected_already(tmp_path):
         assert second["peer_id"] == b.peer_id and second["already_connected"] is True
 
 
+async def test_the_ledger_listing_filters_by_a_full_peer_id_and_refuses_a_shortened_one(tmp_path):
+    async with running_daemon(tmp_path / "a") as a:
+        await wait_for(lambda: a.ledger.entries())
+        own = (await api_get(a, f"/v1/ledger?peer={a.peer_id}")).json()["entries"]
+        assert own and {e["author"] for e in own} == {a.peer_id}
+        shortened = await api_get(a, f"/v1/ledger?peer={a.peer_id[:6]}…{a.peer_id[-6:]}")  # as tables show it
+        assert shortened.status_code == 400 and "not a peer id" in shortened.text
+
+
 async def test_a_peer_whose_disconnect_went_unnoticed_is_dropped_and_not_dialled_back(tmp_path, monkeypatch):
     async with running_daemon(tmp_path / "a") as a, running_daemon(tmp_path / "b") as b:
         await a.mesh.connect(multiaddr.Multiaddr(p2p_addr(b)))  # neither is the other's bootstrap peer
