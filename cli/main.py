@@ -116,6 +116,11 @@ def start(
         typer.Option(help=_help("'embedded' (the shipped SmolLM2), a model folder or 'none'", _DEFAULTS.model)),
     ] = None,
     device: Annotated[str | None, typer.Option(help=_help("auto, cpu, cuda or cuda:N", _DEFAULTS.device))] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help=_help("auto, float32, bfloat16 or float16; peers check each other only at the same dtype",
+                                _DEFAULTS.dtype)),
+    ] = None,
     dht_mode: Annotated[
         str | None,
         typer.Option(help=_help("auto (client once AutoNAT says private), server, client", _DEFAULTS.dht_mode)),
@@ -175,6 +180,7 @@ def start(
         ping_interval_s=ping_interval,
         model=model,
         device=device,
+        dtype=dtype,
         dht_mode=dht_mode,
         reachability=reachability,
         relay_service=relay_service,

@@ -19,6 +19,8 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API_PORT = 7700
 CONFIG_FILE = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# As knexa.node.engine.config.DTYPES, which this module does not import: the engine package loads torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,9 @@ class NodeConfig:
     # "embedded" (the shipped SmolLM2), a Hugging Face model folder, or "none"
     model: str = "embedded"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # auto: bfloat16 on CUDA; on CPU whichever of float32 and bfloat16 decodes faster here (measured once).
+    # Nodes check each other's answers and share KV caches only at the same dtype: set it alike to be sure.
+    dtype: str = "auto"
     # DHT server mode answers other peers' queries; a node that others cannot
     # dial (behind a NAT) should run as a client. "auto" follows AutoNAT: a server
     # until AutoNAT finds the node private.
@@ -129,6 +134,8 @@ class NodeConfig:
             raise ConfigError(f"dht_mode must be auto, server or client, not {self.dht_mode!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         try:
             self.nat_config().validate()
         except NatConfigError as exc:

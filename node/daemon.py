@@ -181,6 +181,7 @@ class Daemon:
                 model=None if config.model == "embedded" else Path(config.model).expanduser(),
                 data_dir=config.cache_dir,
                 device=None if config.device == "auto" else config.device,
+                dtype=config.dtype,
                 show_progress=False,
             )
             self.inference = InferenceService(engine_config, self.rpc, on_change=self._profile_changed)

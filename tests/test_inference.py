@@ -72,6 +72,16 @@ async def test_kv_cache_prefilled_on_a_continues_on_b(tmp_path, tiny_model):
             assert from_cache.token_ids == local.token_ids
 
 
+async def test_nodes_with_separate_caches_agree_on_a_dtype_they_are_given(tmp_path, tiny_model):
+    # Separate caches measure their CPU dtype apart and may differ; the dtype key pins it.
+    pinned = {"model": tiny_model, "dtype": "bfloat16"}
+    async with running_daemon(tmp_path / "a", cache_dir=tmp_path / "cache-a", **pinned) as a, \
+            running_daemon(tmp_path / "b", cache_dir=tmp_path / "cache-b", **pinned) as b:
+        for node in (a, b):
+            await wait_for(lambda node=node: _ready(node), 60)
+            assert (await api_get(node, "/v1/engine")).json()["dtype"] == "bfloat16"
+
+
 async def test_remote_completion_and_profile_in_the_ledger(tmp_path, tiny_model):
     async with running_daemon(tmp_path / "a", model=tiny_model) as a:
         async with running_daemon(tmp_path / "b", [p2p_addr(a)]) as b:  # b runs no model

@@ -21,6 +21,7 @@ from knexa.net.identity import (
     public_key_from_peer_id,
 )
 from knexa.net.peers import PeerConnection, PeerTable, connection_kind
+from knexa.node.config import DTYPES as CONFIG_DTYPES
 from knexa.node.config import ConfigError, load_config
 from knexa.node.errors import describe, find_exception
 from knexa.node.kvshare.settings import KvShareSettings
@@ -90,6 +91,15 @@ def test_config_layers_defaults_file_flags(tmp_path):
     assert config.data_dir == tmp_path
 
 
+def test_the_dtype_key_names_the_engines_dtypes(tmp_path):
+    from knexa.node.engine.config import DTYPES as ENGINE_DTYPES
+
+    assert CONFIG_DTYPES == ENGINE_DTYPES
+    (tmp_path / "config.toml").write_text('dtype = "float32"\n')
+    assert load_config(data_dir=tmp_path, overrides={}).dtype == "float32"
+    assert load_config(data_dir=tmp_path, overrides={"dtype": "bfloat16"}).dtype == "bfloat16"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -103,6 +113,7 @@ def test_config_layers_defaults_file_flags(tmp_path):
         ('dht_mode = "relay"\n', "dht_mode"),
         ('model = "/no/such/folder"\n', "model"),
         ('device = "tpu"\n', "device"),
+        ('dtype = "int4"\n', "dtype must be one of auto, float32, bfloat16, float16"),
         ("learn_public_validation = -1\n", "learn_public_validation"),
         ("learn_min_training_share = 1\n", "learn_min_training_share"),
         ("learn_teacher_votes = 0\n", "learn_teacher_votes must be in 1..15"),
