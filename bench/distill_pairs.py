@@ -26,6 +26,8 @@ answers; the daemon's need not), and so are the ones the answer filter passes to
     python bench/distill_pairs.py --merge voted.json --baseline out.json              # pair by pair
     python bench/distill_pairs.py --threads 2 --agents 6 --answers self --alone out.json --json self.json
                                                       # students learn their own answers to the same prompts
+    python bench/distill_pairs.py --threads 2 --agents 6 --filter lead+strong --alone out.json --json strong.json
+                                                      # only answers where the teacher validated at 0.5 or better
 """
 
 from __future__ import annotations
@@ -257,6 +259,9 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         given = voted_answers[t.index] if args.filter == "lead+voted" else answers[t.index]
         useful = tasks.answers_worth_learning(zip(prompts, given, strict=True), evaluations[t.index].skills,
                                               evaluations[s.index].skills)
+        if args.filter == "lead+strong":
+            useful = [(prompt, answer) for prompt, answer in useful
+                      if evaluations[t.index].skills.get(tasks.category_of(prompt), 0.0) >= STRONG_SKILL]
         if args.answers == "self":
             # The control: the same prompts, answered by the student itself, sampled as a teacher samples.
             own = dict(zip(prompts, answers[s.index], strict=True))
@@ -315,7 +320,7 @@ def filter_precision(result: dict, keep: str) -> tuple[float, float]:
         t, s = teachers[f["teacher"]], teachers[f["student"]]
         for i, category in enumerate(t["categories"]):
             lead = t["skills"].get(category, 0.0) > s["skills"].get(category, 0.0)
-            passes = {"lead": lead, "strong": t["skills"].get(category, 0.0) >= 0.5, "voted": t["voted"][i],
+            passes = {"lead": lead, "strong": t["skills"].get(category, 0.0) >= STRONG_SKILL, "voted": t["voted"][i],
                       "lead+voted": lead and t["voted"][i]}[keep]
             if passes:
                 kept += 1
@@ -325,6 +330,7 @@ def filter_precision(result: dict, keep: str) -> tuple[float, float]:
 
 
 FILTERS = ("lead", "strong", "voted", "lead+voted")
+STRONG_SKILL = 0.5  # a teacher's validation accuracy in a category for its answers there to count as strong
 
 
 def teacher_summary(result: dict) -> dict:
@@ -498,9 +504,10 @@ def parse_args() -> argparse.Namespace:
     common_arguments(parser)
     parser.add_argument("--votes", type=int, default=1,
                         help="samples of each teacher answer, graded as one where more than half agree")
-    parser.add_argument("--filter", choices=("lead", "lead+voted"), default="lead",
+    parser.add_argument("--filter", choices=("lead", "lead+voted", "lead+strong"), default="lead",
                         help="the teacher answers a student learns: the daemon's (categories where the teacher "
-                             "leads), or of those the ones most of --votes samples agree on")
+                             "leads), or of those the ones most of --votes samples agree on, or those in "
+                             f"categories the teacher validated at {STRONG_SKILL} or better")
     parser.add_argument("--answers", choices=("teacher", "self"), default="teacher",
                         help="self: each student learns its own sampled answers to the prompts its teacher's "
                              "filtered answers cover (a control: what the teacher's answers add beyond the prompts)")
