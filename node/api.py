@@ -12,8 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from knexa.dht import DhtKeyError, DiscoveryError
-from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.version import KNEXA_VERSION
+from knexa.node.api_params import peer_id_param
 from knexa.node.body_limit import BodyLimit
 from knexa.node.collab.api import add_collab_routes
 from knexa.node.kvshare.api import add_kv_routes
@@ -151,10 +151,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def ledger(peer: str | None = None) -> Any:
         """Ledger entries (all verified on merge), optionally only those authored by `peer`."""
         if peer is not None:
-            try:
-                parse_peer_id(peer)
-            except PeerIdError as exc:  # a shortened id from a table would otherwise match nothing, silently
-                raise HTTPException(400, str(exc)) from None
+            peer_id_param(peer)  # a shortened id from a table would otherwise match nothing, silently
         return daemon.ledger_view(peer)
 
     @app.get("/v1/find/model/{name_or_hash}", dependencies=authed)
@@ -172,10 +169,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get("/v1/find/peer/{peer_id}", dependencies=authed)
     async def find_peer(peer_id: str) -> Any:
         """A peer's addresses, resolved through the DHT."""
-        try:
-            parse_peer_id(peer_id)
-        except PeerIdError as exc:
-            raise HTTPException(400, str(exc)) from None
+        peer_id_param(peer_id)
         started = time.perf_counter()
         try:
             found = await daemon.discovery.find_peer(peer_id, timeout=10)

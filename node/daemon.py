@@ -43,6 +43,7 @@ from knexa.node.collab.service import CollabService, CollabSettings
 from knexa.node.collab.verify import VerifyPolicy
 from knexa.node.config import NodeConfig
 from knexa.node.errors import describe, find_exception
+from knexa.node.inference_wire import register_no_engine
 from knexa.node.ledger_service import LedgerService
 from knexa.node.ledger_view import entry_view, profile_summary
 from knexa.node.metrics import NodeMetrics
@@ -198,6 +199,8 @@ class Daemon:
                 self.rpc, self.key_pair, self.peer_id, self.inference.require_engine, lambda: self.ledger,
                 self._announce, config.data_dir, self._learned_skills, config.learn_settings(),
             )
+        else:
+            register_no_engine(self.rpc, self.peer_id)
         self.collab = CollabService(
             self.rpc, self.peer_id, self.inference, lambda: self.ledger, self._publish_report,
             lambda: [p.peer_id for p in self.mesh.peers()],

@@ -62,20 +62,26 @@ class ScoreReply(BaseModel):
     prompt_tokens: int
 
 
+def register_no_engine(rpc: RpcService, peer_id: str) -> None:
+    """On a node started with model = none: the engine's methods answer UNAVAILABLE with the reason, instead
+    of the UNKNOWN_METHOD an unregistered method gets, which tells a caller nothing."""
+
+    async def no_model(request: Any, ctx: Any) -> None:
+        raise RpcError(ErrorCode.UNAVAILABLE, f"peer {peer_id} runs no model (started with model = none)")
+
+    rpc.register(METHOD_GENERATE, no_model, kind="server_stream")
+    rpc.register(METHOD_PREFILL, no_model, kind="server_stream")
+    rpc.register(METHOD_SCORE, no_model)
+
+
 # -- the calling side ------------------------------------------------------------
 @asynccontextmanager
 async def remote_generate(
     rpc: RpcService, peer: PeerID, call: GenerateCall, timeout_s: float = 300.0
 ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
     """Stream a generation from `peer`: `{"delta": ...}` items, then `{"result": ...}`."""
-    try:
-        async with rpc.server_stream(peer, METHOD_GENERATE, call, timeout=timeout_s) as responses:
-            yield responses
-    except RpcError as exc:
-        # A node started with model = none registers no engine methods at all.
-        if exc.code != ErrorCode.UNKNOWN_METHOD:
-            raise
-        raise RpcError(ErrorCode.UNAVAILABLE, f"peer {peer} runs no model") from None
+    async with rpc.server_stream(peer, METHOD_GENERATE, call, timeout=timeout_s) as responses:
+        yield responses
 
 
 async def remote_prefill(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from knexa.crdt.reputation import MAX_REASON_CHARS
-from knexa.net.identity import PeerIdError, parse_peer_id
+from knexa.node.api_params import peer_id_param
 from knexa.node.ledger_view import entry_view
 
 if TYPE_CHECKING:
@@ -34,10 +34,7 @@ def add_ledger_routes(router: APIRouter, daemon: Daemon) -> None:
     @router.post("/v1/ledger/reports")
     async def report(request: ReportRequest) -> Any:
         """Sign a reputation report about a peer (score 0 = caught failing, 1 = good) and spread it."""
-        try:
-            parse_peer_id(request.subject)
-        except PeerIdError as exc:
-            raise HTTPException(400, str(exc)) from None
+        peer_id_param(request.subject)
         if request.subject == daemon.peer_id:
             raise HTTPException(400, "a node does not report about itself")
         return entry_view(daemon.report_peer(request.subject, request.score, request.reason))

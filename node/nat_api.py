@@ -7,14 +7,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
-from libp2p.peer.id import ID as PeerID
 from pydantic import BaseModel, Field
 
 from knexa.net.host import AddressError, parse_multiaddr
-from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.nat.echo import MAX_ECHO_BYTES, measure_echo
 from knexa.net.nat.policy import is_circuit
 from knexa.net.rpc import RpcError
+from knexa.node.api_params import peer_id_param
 
 if TYPE_CHECKING:
     from knexa.node.daemon import Daemon
@@ -41,7 +40,7 @@ def add_nat_routes(router: APIRouter, daemon: Daemon) -> None:
         started = time.perf_counter()
         text = str(addr)
         peer_text = text.rsplit("/p2p/", 1)[1]
-        peer = _peer_id(peer_text)
+        peer = peer_id_param(peer_text)
         # For a peer it holds a connection to, py-libp2p dials nothing, whatever the address: say so, rather
         # than report a connection over an address that was never tried (a circuit is dialled regardless).
         already = not is_circuit(text) and bool(daemon.host.get_network().get_connections(peer))
@@ -58,7 +57,7 @@ def add_nat_routes(router: APIRouter, daemon: Daemon) -> None:
     @router.post("/v1/diag/echo")
     async def echo(request: EchoRequest) -> Any:
         """Signed `diag.echo` calls to a peer, each reply checked; latency and throughput."""
-        peer = _peer_id(request.peer)
+        peer = peer_id_param(request.peer)
         try:
             result = await measure_echo(daemon.rpc, peer, request.size, request.count)
         except RpcError as exc:
@@ -67,9 +66,3 @@ def add_nat_routes(router: APIRouter, daemon: Daemon) -> None:
         paths = [str(a) for c in conns for a in (c.get_transport_addresses() or [])]
         return {**result, "paths": paths}
 
-
-def _peer_id(text: str) -> PeerID:
-    try:
-        return parse_peer_id(text)
-    except PeerIdError as exc:
-        raise HTTPException(400, str(exc)) from None

@@ -17,8 +17,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from knexa.net.identity import PeerIdError, parse_peer_id
 from knexa.net.rpc import ErrorCode, RpcError
+from knexa.node.api_params import peer_id_param
 from knexa.node.inference_wire import MAX_NEW_TOKENS, GenerateCall, GenerateParams, Message, remote_generate
 
 if TYPE_CHECKING:
@@ -69,10 +69,7 @@ def _http_error(exc: Exception) -> HTTPException:
 async def _events(daemon: Daemon, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
     """`{"delta": text}` items then `{"result": {...}}`, locally or from a peer."""
     if request.peer:
-        try:
-            peer = parse_peer_id(request.peer)
-        except PeerIdError as exc:
-            raise HTTPException(400, str(exc)) from None
+        peer = peer_id_param(request.peer)
         async with remote_generate(daemon.rpc, peer, request.to_call()) as responses:
             async for item in responses:
                 yield item
@@ -139,7 +136,7 @@ def add_openai_routes(router: APIRouter, daemon: Daemon) -> None:
         try:
             # Refuse what can be refused before a 200 starts streaming.
             if request.peer:
-                parse_peer_id(request.peer)
+                peer_id_param(request.peer)
             elif daemon.inference is None:
                 raise HTTPException(
                     503, "this node runs no model (started with model = none); ask a peer that runs one "
@@ -150,8 +147,6 @@ def add_openai_routes(router: APIRouter, daemon: Daemon) -> None:
 
                 to_engine_request(request.to_call()).validate()
                 daemon.require_inference().require_engine().status()
-        except PeerIdError as exc:
-            raise HTTPException(400, str(exc)) from None
         except Exception as exc:
             if not _is_engine_error(exc):
                 raise

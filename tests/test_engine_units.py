@@ -332,6 +332,7 @@ def test_embedded_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.Monke
     assert [p.name for p in (tmp_path / "models").iterdir()] == [first.name]
 
 
+# Only the signatures of these forwards are read, never called.
 class _OlderCausalLM:  # a transformers 5 release from before the `cache` argument
     def forward(self, input_ids=None, past_key_values=None, use_cache=None):
         raise NotImplementedError

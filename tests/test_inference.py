@@ -6,6 +6,7 @@ import httpx
 import pytest
 from libp2p.peer.id import ID as PeerID
 
+from knexa.net.rpc import ErrorCode, RpcError
 from knexa.node.engine import GenerationRequest, SamplingParams
 from knexa.node.inference_wire import PrefillCall, remote_prefill
 from tests.conftest import api_get, p2p_addr, running_daemon, wait_for
@@ -94,6 +95,9 @@ async def test_remote_completion_and_profile_in_the_ledger(tmp_path, tiny_model)
             assert local.status_code == 503 and "no model" in local.text
             modelless = await _post(a, "/v1/chat/completions", {"messages": QUESTION, "peer": b.peer_id})
             assert modelless.status_code == 503 and f"peer {b.peer_id} runs no model" in modelless.text
+            with pytest.raises(RpcError) as refused:  # every engine method of b says why, not "unknown method"
+                await remote_prefill(a.rpc, PeerID.from_base58(b.peer_id), PrefillCall(prompt="x"))
+            assert refused.value.code == ErrorCode.UNAVAILABLE and "runs no model" in str(refused.value)
 
             def a_profile_has_model() -> bool:
                 profile = b.ledger.profiles().get(a.peer_id)
