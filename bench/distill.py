@@ -74,15 +74,15 @@ class Agent:
 
 
 def make_agents(args: argparse.Namespace, seed: int) -> tuple[list[Agent], list[tasks.Example]]:
-    pool = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.per_category, seed)]
-    shards = tasks.dirichlet_split(pool, args.agents, alpha=args.dirichlet, seed=seed)
+    shards = tasks.dirichlet_slices(args.agents, args.per_category, args.dirichlet, seed, args.family)
     # As the daemon does (learn_public_validation), but drawn anew for each benchmark seed.
-    public = tasks.public_validation(args.public_val, seed + 20_000)
+    public = tasks.public_validation(args.public_val, seed + 20_000, args.family)
     agents = []
     for i, shard in enumerate(shards):
         train, val = tasks.split_train_val(shard, 0.25, seed=seed + i)
         agents.append(Agent(i, train, val + public))
-    test = [e for c in tasks.CATEGORIES for e in tasks.generate_examples(c, args.test_per_category, seed + 10_000)]
+    test = [e for c in tasks.CATEGORIES
+            for e in tasks.generate_examples(c, args.test_per_category, seed + 10_000, args.family)]
     return agents, test
 
 
@@ -127,7 +127,7 @@ async def run_condition(engine: Engine, condition: str, agents: list[Agent], tes
         by_name = {a.name: a for a in agents}
         students = {p.student: p for p in pairs}
         rewards: dict[str, RewardReport] = {}
-        prompts = tasks.transfer_set(args.transfer, seed * 1000 + round_no)
+        prompts = tasks.transfer_set(args.transfer, seed * 1000 + round_no, args.family)
         for a in agents:
             pair = students.get(a.name)
             if pair is None:
@@ -304,6 +304,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dirichlet", type=float, default=0.5)
+    parser.add_argument("--family", default=tasks.DEFAULT_FAMILY, choices=tuple(tasks.FAMILIES),
+                        help="the task family: 'hard' has tasks SmolLM2-135M does not learn at this budget "
+                             "(two-number sums, word reversal, day offsets), 'learnable' only tasks it does")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--public-val", type=int, default=4,

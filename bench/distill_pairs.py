@@ -223,7 +223,7 @@ async def run_seed(engine: Engine, args: argparse.Namespace, seed: int, scratch:
         alone = await reused_alone(engine, agents, test, warm, args, seed, earlier)
     else:
         alone = await alone_outcomes(engine, agents, evaluations, test, warm, args, seed)
-    transfer = tasks.transfer_examples(args.transfer, seed * 1000 + ROUND)
+    transfer = tasks.transfer_examples(args.transfer, seed * 1000 + ROUND, args.family)
     prompts = [e.prompt for e in transfer]
     reference = {e.prompt: e for e in transfer}
     answers, voted_answers, teachers = {}, {}, {}

@@ -434,6 +434,36 @@ def rounds(
         return
     print_rounds(console, view, explain)
 
+@app.command("example-data")
+def example_data(
+    out: Annotated[Path, typer.Argument(help="JSONL file to write, for `learn --data`.")],
+    node: Annotated[int, typer.Option(min=0, help="Which node's slice (0 .. nodes-1).")] = 0,
+    nodes: Annotated[int, typer.Option(min=1, max=256, help="How many nodes the family is dealt to.")] = 4,
+    family: Annotated[str, typer.Option(help="hard or learnable (see the distillation benchmark).")] = "learnable",
+    per_category: Annotated[int, typer.Option(min=1, max=10_000, help="Examples of each category in all.")] = 80,
+    dirichlet: Annotated[float, typer.Option(min=0.01, help="Skew of the slices: smaller, more skewed.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="The same seed gives every node a slice of the same deal.")] = 0,
+) -> None:
+    """Write one node's skewed slice of the built-in task family (arithmetic, units, strings, dates), to try
+    `learn` across a mesh: give each node its own --node with the same --nodes and --seed."""
+    from knexa.node.learn import tasks
+
+    if family not in tasks.FAMILIES:
+        fail(f"--family must be one of {', '.join(tasks.FAMILIES)}", code=2)
+    if node >= nodes:
+        fail(f"--node must be below --nodes ({nodes})", code=2)
+    examples = tasks.dirichlet_slices(nodes, per_category, dirichlet, seed, family)[node]
+    try:
+        tasks.write_jsonl(out, examples)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    counts = ", ".join(f"{c} {sum(e.category == c for e in examples)}" for c in tasks.CATEGORIES)
+    console.print(f"wrote {len(examples)} examples to {out} ({counts})", highlight=False)
+    if family != _DEFAULTS.learn_task_family:
+        # The mesh's transfer prompts and the shared validation set must be of the data's family.
+        console.print(f"the nodes' config needs learn_task_family = \"{family}\"", highlight=False)
+
+
 find_app = typer.Typer(help="Find models and peers through the DHT.", no_args_is_help=True)
 app.add_typer(find_app, name="find")
 

@@ -73,6 +73,7 @@ class NodeConfig:
     learn_latency_target_s: float = LearnSettings.latency_target_s
     learn_min_training_share: float = LearnSettings.min_training_share
     learn_public_validation: int = LearnSettings.public_validation
+    learn_task_family: str = LearnSettings.task_family
     learn_transfer_file: str = LearnSettings.transfer_file
     # each kv_<name> is KvShareSettings.<name>, described there
     kv_store_bytes: int = KvShareSettings.store_bytes
@@ -164,9 +165,12 @@ class NodeConfig:
             raise ConfigError("learn_min_training_share must be in [0, 1)")
         if not 0 <= self.learn_public_validation <= 256:
             raise ConfigError("learn_public_validation must be in 0..256")
-        if self.learn_transfer_file:
-            from knexa.node.learn.tasks import DataError, load_prompts
+        from knexa.node.learn.tasks import FAMILIES, DataError, load_prompts
 
+        if self.learn_task_family not in FAMILIES:
+            raise ConfigError(f"learn_task_family must be one of {', '.join(FAMILIES)}, "
+                              f"not {self.learn_task_family!r}")
+        if self.learn_transfer_file:
             try:
                 load_prompts(Path(self.learn_transfer_file))
             except DataError as exc:

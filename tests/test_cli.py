@@ -262,6 +262,26 @@ def test_start_help_shows_each_default():
         assert shown in result.stdout
 
 
+def test_example_data_deals_each_node_its_slice_of_one_family(tmp_path: Path):
+    from knexa.node.learn import tasks
+
+    slices = []
+    for node in range(3):
+        out = tmp_path / f"node{node}.jsonl"
+        result = cli("example-data", str(out), "--node", str(node), "--nodes", "3", "--seed", "5")
+        assert result.returncode == 0, result.stderr
+        assert f"examples to {out}" in result.stdout and 'learn_task_family = "learnable"' in result.stdout
+        slices.append(tasks.load_jsonl(out))
+    # Every example of the deal once, each node a skewed share: what `learn --data` reads.
+    dealt = sorted(e.prompt for s in slices for e in s)
+    assert dealt == sorted(e.prompt for e in tasks.public_validation(80, seed=5, family="learnable"))
+    assert all(tasks.category_of(e.prompt) == e.category for s in slices for e in s)
+    assert_one_line_error(cli("example-data", str(tmp_path / "x"), "--node", "3", "--nodes", "3"), "--node")
+    assert_one_line_error(cli("example-data", str(tmp_path / "x"), "--family", "easy"), "hard, learnable")
+    assert_one_line_error(cli("example-data", str(tmp_path / "no" / "x.jsonl")), "cannot write")
+    assert not (tmp_path / "x").exists()
+
+
 def test_config_file_sets_flags_and_flags_override(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text('[node]\nlisten = ["/ip4/127.0.0.1/tcp/4999"]\napi_port = 7799\n')

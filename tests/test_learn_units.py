@@ -55,16 +55,31 @@ from knexa.node.learn.rounds import (
 # -- tasks -----------------------------------------------------------------------------------------
 
 
-def test_examples_are_deterministic_and_graded_by_their_own_answers() -> None:
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_examples_are_deterministic_and_graded_by_their_own_answers(family: str) -> None:
     for category in tasks.CATEGORIES:
-        examples = tasks.generate_examples(category, 20, seed=3)
-        assert examples == tasks.generate_examples(category, 20, seed=3)
+        examples = tasks.generate_examples(category, 20, seed=3, family=family)
+        assert examples == tasks.generate_examples(category, 20, seed=3, family=family)
         assert all(e.category == category for e in examples)
         assert all(tasks.grade(e, e.answer) for e in examples)
         assert all(tasks.category_of(e.prompt) == category for e in examples)
+        assert all(tasks.category_of(p) != tasks.GENERAL for p in tasks.transfer_set(8, seed=3, family=family))
     # Starting like a family prompt does not make one: its answer is not checkable, its skill not measured.
     for other in ("What is the capital of France?", "Convert this recipe to metric.", "Reverse the word 'cat', then"):
         assert tasks.category_of(other) == tasks.GENERAL
+
+
+def test_the_families_share_categories_but_not_tasks() -> None:
+    hard = {e.prompt for c in tasks.CATEGORIES for e in tasks.generate_examples(c, 30, seed=1, family="hard")}
+    learnable = tasks.public_validation(30, seed=1, family="learnable")
+    assert {e.category for e in learnable} == set(tasks.CATEGORIES)
+    # Unit conversion and capital letters are learnt in both; sums and day offsets are not.
+    assert not hard & {e.prompt for e in learnable if e.category in ("arithmetic", "dates")}
+    assert tasks.generate_examples("units", 5, seed=1) == tasks.generate_examples("units", 5, 1, tasks.DEFAULT_FAMILY)
+    first_letter = tasks.Example("What is the first letter of the word 'cat'?", "c", "strings")
+    assert tasks.grade(first_letter, "The first letter is c.") and not tasks.grade(first_letter, "C")
+    with pytest.raises(ValueError, match="unknown task family 'easy'"):
+        tasks.transfer_set(4, seed=1, family="easy")
 
 
 def test_grade_is_lenient_about_form_but_not_content() -> None:
@@ -1048,6 +1063,23 @@ async def test_a_given_transfer_file_is_read_once_a_round_and_again_when_it_chan
     given.unlink()
     with pytest.raises(tasks.DataError, match="cannot read"):
         await service._transfer_prompts(4)
+
+
+async def test_the_shipped_transfer_set_is_of_the_configured_family(tmp_path: Path) -> None:
+    """(No engine or network: the RPC registry is a stand-in.)"""
+    from types import SimpleNamespace
+
+    from knexa.crdt.ledger import Ledger
+    from knexa.node.learn.service import LearnService
+    from knexa.node.learn.settings import LearnSettings
+    from tests.crdt_helpers import KEY_PAIRS
+
+    me = Ledger(KEY_PAIRS[0])
+    for family in tasks.FAMILIES:
+        service = LearnService(SimpleNamespace(register=lambda *a: None), None, me.peer_id, lambda: None,
+                               lambda: me, lambda entries: None, tmp_path,
+                               settings=LearnSettings(task_family=family, transfer_prompts=8))
+        assert await service._transfer_prompts(3) == tasks.transfer_set(8, 3, family)
 
 
 def test_a_shadow_validates_better_by_accuracy_then_at_equal_accuracy_by_loss() -> None:

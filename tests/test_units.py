@@ -118,6 +118,7 @@ def test_the_dtype_key_names_the_engines_dtypes(tmp_path):
         ("learn_min_training_share = 1\n", "learn_min_training_share"),
         ("learn_teacher_votes = 0\n", "learn_teacher_votes must be in 1..15"),
         ('learn_transfer_file = "/no/such/transfer.jsonl"\n', "learn_transfer_file: cannot read"),
+        ('learn_task_family = "easy"\n', "learn_task_family must be one of hard, learnable, not 'easy'"),
         ('kv_fetch = "sometimes"\n', "kv_fetch must be auto, always or never"),
         ("kv_block = 0\n", "kv_block must be positive"),
         ("kv_store_bytes = -1\n", "kv_store_bytes must be at least 0"),

@@ -286,7 +286,8 @@ class LearnService:
                 self.train, own_val = tasks.split_train_val(examples, self.settings.val_fraction, seed=0)
                 if not own_val:
                     own_val = list(self.train)  # one example: validate on what there is
-                shared = (tasks.public_validation(self.settings.public_validation)
+                shared = (tasks.public_validation(self.settings.public_validation,
+                                                  family=self.settings.task_family)
                           if tasks.uses_task_family(examples) else [])
                 self.val, self.shared_val = own_val + shared, len(shared)
                 on_training()
@@ -570,7 +571,7 @@ class LearnService:
         """This round's public prompts: drawn from the given transfer set if there is one, else generated."""
         s = self.settings
         if not s.transfer_file:
-            return tasks.transfer_set(s.transfer_prompts, seed)
+            return tasks.transfer_set(s.transfer_prompts, seed, s.task_family)
         # Read again when the file changes (the user may replace it), off the trio loop: up to 64 MiB.
         path = Path(s.transfer_file)
         try:

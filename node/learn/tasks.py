@@ -78,32 +78,75 @@ def _dates(rng: random.Random) -> Example:
     )
 
 
-_GENERATORS = {"arithmetic": _arithmetic, "units": _units, "strings": _strings, "dates": _dates}
+def _times_ten_or_double(rng: random.Random) -> Example:
+    n = rng.randint(2, 49)
+    if rng.random() < 0.5:
+        return Example(f"What is {n} times 10? Answer with the number only.", str(n * 10), "arithmetic")
+    return Example(f"What is double {n}? Answer with the number only.", str(2 * n), "arithmetic")
 
 
-def generate_examples(category: str, n: int, seed: int) -> list[Example]:
-    if category not in _GENERATORS:
+def _capitals_or_first_letter(rng: random.Random) -> Example:
+    word = rng.choice(WORDS)
+    if rng.random() < 0.5:
+        prompt = f"Write the word '{word}' in capital letters. Answer with the word only."
+        return Example(prompt, word.upper(), "strings")
+    return Example(f"What is the first letter of the word '{word}'? Answer with the letter only.", word[0], "strings")
+
+
+def _next_or_previous_day(rng: random.Random) -> Example:
+    start, step = rng.randrange(7), rng.choice((1, -1))
+    return Example(
+        f"What day of the week comes 1 day {'after' if step > 0 else 'before'} {DAYS[start]}? "
+        "Answer with the day only.",
+        DAYS[(start + step) % 7],
+        "dates",
+    )
+
+
+# Two families of the same four categories. "hard" holds tasks SmolLM2-135M does not learn from a few dozen
+# examples (two-number sums, reversing a word, day offsets up to six): a skewed agent's answers outside its
+# slice, and many inside, are wrong. "learnable" holds tasks it learns in 48 LoRA steps on 30 examples (each
+# from at most 0.17 to 0.71-1.00 on held-out prompts), so that an agent's answers in its own slice are right.
+FAMILIES: dict[str, dict[str, Callable[[random.Random], Example]]] = {
+    "hard": {"arithmetic": _arithmetic, "units": _units, "strings": _strings, "dates": _dates},
+    "learnable": {"arithmetic": _times_ten_or_double, "units": _units, "strings": _capitals_or_first_letter,
+                  "dates": _next_or_previous_day},
+}
+DEFAULT_FAMILY = "hard"
+
+
+def _generators(family: str) -> dict[str, Callable[[random.Random], Example]]:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[family]
+
+
+def generate_examples(category: str, n: int, seed: int, family: str = DEFAULT_FAMILY) -> list[Example]:
+    generators = _generators(family)
+    if category not in generators:
         raise ValueError(f"unknown category {category!r} (known: {', '.join(CATEGORIES)})")
     rng = random.Random(f"{category}:{seed}")
-    return [_GENERATORS[category](rng) for _ in range(n)]
+    return [generators[category](rng) for _ in range(n)]
 
 
-def transfer_set(n: int, seed: int) -> list[str]:
+def transfer_set(n: int, seed: int, family: str = DEFAULT_FAMILY) -> list[str]:
     """Public prompts, all categories mixed, with no answers: what a teacher answers for its student."""
-    return [e.prompt for e in transfer_examples(n, seed)]
+    return [e.prompt for e in transfer_examples(n, seed, family)]
 
 
-def transfer_examples(n: int, seed: int) -> list[Example]:
+def transfer_examples(n: int, seed: int, family: str = DEFAULT_FAMILY) -> list[Example]:
     """The transfer set with its answers: for grading what teachers send (the benchmark), never sent."""
+    generators = _generators(family)
     rng = random.Random(f"transfer:{seed}")
-    return [_GENERATORS[CATEGORIES[i % len(CATEGORIES)]](rng) for i in range(n)]
+    return [generators[CATEGORIES[i % len(CATEGORIES)]](rng) for i in range(n)]
 
 
-def public_validation(per_category: int, seed: int = PUBLIC_VALIDATION_SEED) -> list[Example]:
+def public_validation(per_category: int, seed: int = PUBLIC_VALIDATION_SEED, family: str = DEFAULT_FAMILY
+                      ) -> list[Example]:
     """A validation set of every category that all nodes share (the same seed gives the same examples
     everywhere). A node's own split has its data's skew: what it learns from a teacher in a category it barely
     holds could not show in its gain or in its promotion without examples of that category."""
-    return [e for c in CATEGORIES for e in generate_examples(c, per_category, seed)]
+    return [e for c in CATEGORIES for e in generate_examples(c, per_category, seed, family)]
 
 
 def uses_task_family(examples: Iterable[Example]) -> bool:
@@ -114,11 +157,13 @@ def uses_task_family(examples: Iterable[Example]) -> bool:
 # The generators' wordings: a prompt that only starts the same way ("What is the capital of France?") is not
 # one of them, and must not be filtered or voted on as if its answer were checkable.
 _TEMPLATES = (
-    ("arithmetic", re.compile(r"What is \d+ [+-] \d+\? Answer with the number only\.")),
+    ("arithmetic", re.compile(r"What is (\d+ [+-] \d+|\d+ times 10|double \d+)\? Answer with the number only\.")),
     ("units", re.compile(r"Convert \d+ [a-z]+ to [a-z]+\. Answer with the number only\.")),
     ("strings", re.compile(r"(Write the word '[a-z]+' in capital letters|Reverse the word '[a-z]+')\. "
-                           r"Answer with the word only\.")),
-    ("dates", re.compile(r"What day of the week comes \d+ days? after [A-Z][a-z]+day\? Answer with the day only\.")),
+                           r"Answer with the word only\.|What is the first letter of the word '[a-z]+'\? "
+                           r"Answer with the letter only\.")),
+    ("dates", re.compile(r"What day of the week comes \d+ days? (after|before) [A-Z][a-z]+day\? "
+                         r"Answer with the day only\.")),
 )
 
 
@@ -231,6 +276,14 @@ def dirichlet_split(
     for shard in shards:
         rng.shuffle(shard)
     return shards
+
+
+def dirichlet_slices(n_nodes: int, per_category: int, alpha: float, seed: int, family: str = DEFAULT_FAMILY
+                     ) -> list[list[Example]]:
+    """Each node's skewed slice of the family: `per_category` examples of every category dealt out in
+    Dirichlet(alpha) shares, as the distillation benchmark gives its agents."""
+    pool = [e for c in CATEGORIES for e in generate_examples(c, per_category, seed, family)]
+    return dirichlet_split(pool, n_nodes, alpha, seed)
 
 
 def split_train_val(
