@@ -239,7 +239,8 @@ def describe_differences(diffs: list[float]) -> str:
     sem = statistics.stdev(diffs) / len(diffs) ** 0.5
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     per_seed = " ".join(f"{d:+.3f}" for d in diffs)
-    return f"{mean:+.3f} ± {sem:.3f} (standard error; {mean / sem if sem else float('inf'):.1f} of them), " \
+    ratio = f"{mean / sem:.1f} of them" if sem > 1e-9 else "the same in every seed"
+    return f"{mean:+.3f} ± {sem:.3f} (standard error; {ratio}), " \
         f"ahead in {wins} seed(s), behind in {losses} [{per_seed}]"
 
 
@@ -284,7 +285,7 @@ def plot(mean: dict[str, list[float]], args: argparse.Namespace) -> None:
     ax.set_xticks(range(len(next(iter(mean.values())))))
     ax.set_xlabel("round (0 = after local warm-up)")
     ax.set_ylabel("mean test accuracy")
-    ax.set_title(f"SmolLM2-135M, {args.agents} agents, {args.seeds} seed(s)")
+    ax.set_title(f"SmolLM2-135M, {args.family} tasks, {args.agents} agents, {args.seeds} seed(s)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
