@@ -106,7 +106,8 @@ def _next_or_previous_day(rng: random.Random) -> Example:
 # Two families of the same four categories. "hard" holds tasks SmolLM2-135M does not learn from a few dozen
 # examples (two-number sums, reversing a word, day offsets up to six): a skewed agent's answers outside its
 # slice, and many inside, are wrong. "learnable" holds tasks it learns in 48 LoRA steps on 30 examples (each
-# from at most 0.17 to 0.71-1.00 on held-out prompts), so that an agent's answers in its own slice are right.
+# category from 0-0.29 to 0.71-1.00 on held-out prompts, bench/learnable_tasks.py), so that an agent's answers
+# in its own slice are right.
 FAMILIES: dict[str, dict[str, Callable[[random.Random], Example]]] = {
     "hard": {"arithmetic": _arithmetic, "units": _units, "strings": _strings, "dates": _dates},
     "learnable": {"arithmetic": _times_ten_or_double, "units": _units, "strings": _capitals_or_first_letter,
