@@ -434,6 +434,7 @@ def rounds(
         return
     print_rounds(console, view, explain)
 
+
 @app.command("example-data")
 def example_data(
     out: Annotated[Path, typer.Argument(help="JSONL file to write, for `learn --data`.")],
