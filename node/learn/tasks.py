@@ -147,6 +147,11 @@ def public_validation(per_category: int, seed: int = PUBLIC_VALIDATION_SEED, fam
     """A validation set of every category that all nodes share (the same seed gives the same examples
     everywhere). A node's own split has its data's skew: what it learns from a teacher in a category it barely
     holds could not show in its gain or in its promotion without examples of that category."""
+    return every_category(per_category, seed, family)
+
+
+def every_category(per_category: int, seed: int, family: str = DEFAULT_FAMILY) -> list[Example]:
+    """`per_category` examples of each category, category after category."""
     return [e for c in CATEGORIES for e in generate_examples(c, per_category, seed, family)]
 
 
@@ -283,8 +288,7 @@ def dirichlet_slices(n_nodes: int, per_category: int, alpha: float, seed: int, f
                      ) -> list[list[Example]]:
     """Each node's skewed slice of the family: `per_category` examples of every category dealt out in
     Dirichlet(alpha) shares, as the distillation benchmark gives its agents."""
-    pool = [e for c in CATEGORIES for e in generate_examples(c, per_category, seed, family)]
-    return dirichlet_split(pool, n_nodes, alpha, seed)
+    return dirichlet_split(every_category(per_category, seed, family), n_nodes, alpha, seed)
 
 
 def split_train_val(
