@@ -30,6 +30,7 @@ from knexa.node.learn.linucb import (
     plan_pairs,
     profile_vector,
     random_pairs,
+    round_relative,
 )
 from knexa.node.learn.rounds import (
     MatchmakerState,
@@ -341,6 +342,33 @@ def test_the_prior_prefers_a_teacher_strong_where_the_student_is_weak() -> None:
     assert fresh.score(pair_context(strong, weak_other), 1).mean > fresh.score(pair_context(strong, weak_same), 1).mean
     assert np.allclose(fresh.theta()[2 * node_dim() :], 1.0) and np.allclose(fresh.theta()[: 2 * node_dim()], 0.0)
     assert np.allclose(LinUCB.from_dict(fresh.to_dict()).theta(), fresh.theta())  # the prior lives in b
+
+
+def test_round_relative_contexts_carry_no_level_but_keep_their_bias_terms() -> None:
+    contexts = [pair_context(t.vector, s.vector) for t, s in zip(_candidates(6)[:3], _candidates(6)[3:], strict=True)]
+    relative = np.array(round_relative(contexts))
+    bias = [node_dim() - 1, 2 * node_dim() - 1]
+    assert np.allclose(relative[:, bias], 1.0)
+    others = [i for i in range(pair_dim()) if i not in bias]
+    assert np.allclose(relative[:, others].mean(axis=0), 0.0)
+    assert np.allclose(relative[0] - relative[1], np.array(contexts[0]) - np.array(contexts[1]))
+    with pytest.raises(ValueError):
+        round_relative([[0.0] * (pair_dim() - 1)])
+
+
+def test_rewards_that_rank_a_round_as_the_prior_did_leave_the_prior_as_it_was() -> None:
+    """Rewards count against their round's mean, so they sum to zero, while the prior predicts a large reward
+    for every pair it picks. Were that gap taken as news, every round would pull the bandit off the teacher's
+    lead whatever order the rewards put the pairs in."""
+    for seed in range(3):
+        state = next_plan(MatchmakerState.initial(), _candidates(6, seed), "peer00", now_ms=1_000,
+                          round_deadline_s=60)
+        lead = {p.student: sum(p.context[2 * node_dim() :]) for p in state.plan.pairs}
+        assert len(set(lead.values())) == 3
+        closed, _ = close_round(state, {p.student: RewardReport(1, p.student, p.teacher, 0.0, 0.5, True,
+                                                                lead[p.student]) for p in state.plan.pairs})
+        assert closed.bandit.updates == 3
+        assert np.allclose(closed.bandit.theta(), new_bandit().theta(), atol=1e-9)
 
 
 def _complementary_population(n: int, seed: int) -> list[Candidate]:

@@ -141,6 +141,22 @@ def pair_context(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
     return np.concatenate([teacher, student, _lead(teacher, student)])
 
 
+def round_relative(contexts: Sequence[Sequence[float]], categories: Sequence[str] = CATEGORIES) -> list[np.ndarray]:
+    """The contexts of one round's pairs less their mean, bias terms kept: what the bandit learns from when
+    the round's rewards are measured against the round's own mean reward.
+
+    Rewards relative to their round carry no level, so contexts must not either: fed whole, every pair the
+    prior ranks first (a large lead, hence a large predicted reward) would earn a mean reward of zero, and each
+    round would pull the bandit off the lead whatever order the rewards put the pairs in."""
+    x = np.asarray(contexts, dtype=float)
+    if x.ndim != 2 or x.shape[1] != pair_dim(categories):
+        raise ValueError(f"contexts must be rows of {pair_dim(categories)} numbers")
+    relative = x - x.mean(axis=0)
+    bias = [node_dim(categories) - 1, 2 * node_dim(categories) - 1]
+    relative[:, bias] = x[:, bias]
+    return list(relative)
+
+
 def teacher_lead(teacher: np.ndarray, student: np.ndarray, categories: Sequence[str] = CATEGORIES
                  ) -> dict[str, float]:
     """The categories where the teacher validated better than the student, and by how much."""

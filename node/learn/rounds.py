@@ -29,6 +29,7 @@ from knexa.node.learn.linucb import (
     node_dim,
     pair_dim,
     plan_pairs,
+    round_relative,
 )
 
 ALPHA_START, ALPHA_END, ALPHA_ROUNDS = 0.2, 0.5, 10
@@ -458,12 +459,15 @@ def close_round(
     # (when the round has more than one pair) a reward says how much better this pairing did than the others.
     drops = [reward_signal(report, signal) for _, report in valid]
     baseline = sum(drops) / len(drops) if len(drops) >= 2 else None
+    pairs = [next(p for p in plan.pairs if p.student == author) for author, _ in valid]
+    contexts = [np.asarray(p.context, dtype=float) for p in pairs]
+    if baseline is not None:
+        contexts = round_relative(contexts)
     applied: list[tuple[str, float, float, float]] = []
-    for (author, report), drop in zip(valid, drops, strict=True):
-        pair = next(p for p in plan.pairs if p.student == author)
+    for (author, report), drop, context in zip(valid, drops, contexts, strict=True):
         reward = scaler.z(drop, baseline)
         if reward is not None:  # else recorded with reward 0, and the bandit left as it was
-            bandit.update(pair.context, reward)
+            bandit.update(context, reward)
         applied.append((author, report.gain, report.loss_drop, reward or 0.0))
     for drop in drops:
         scaler.observe(drop)
