@@ -12,6 +12,7 @@ import platformdirs
 
 from knexa.net.host import AddressError, parse_multiaddr
 from knexa.net.nat.config import NatConfig, NatConfigError, RelayLimitsConfig
+from knexa.node.dtypes import DTYPES
 from knexa.node.kvshare.settings import KvShareSettings
 from knexa.node.learn.settings import LearnSettings
 
@@ -19,8 +20,6 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API_PORT = 7700
 CONFIG_FILE = "config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# As knexa.node.engine.config.DTYPES, which this module does not import: the engine package loads torch.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):

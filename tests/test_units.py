@@ -92,9 +92,11 @@ def test_config_layers_defaults_file_flags(tmp_path):
 
 
 def test_the_dtype_key_names_the_engines_dtypes(tmp_path):
-    from knexa.node.engine.config import DTYPES as ENGINE_DTYPES
+    from knexa.node.engine.device import parse_dtype
 
-    assert CONFIG_DTYPES == ENGINE_DTYPES
+    assert CONFIG_DTYPES[0] == "auto"
+    for name in CONFIG_DTYPES[1:]:
+        assert str(parse_dtype(name)) == f"torch.{name}"
     (tmp_path / "config.toml").write_text('dtype = "float32"\n')
     assert load_config(data_dir=tmp_path, overrides={}).dtype == "float32"
     assert load_config(data_dir=tmp_path, overrides={"dtype": "bfloat16"}).dtype == "bfloat16"

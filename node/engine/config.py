@@ -7,8 +7,9 @@ from pathlib import Path
 
 import platformdirs
 
+from knexa.node.dtypes import DTYPES
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def default_engine_data_dir() -> Path:
