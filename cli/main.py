@@ -440,7 +440,8 @@ def example_data(
     out: Annotated[Path, typer.Argument(help="JSONL file to write, for `learn --data`.")],
     node: Annotated[int, typer.Option(min=0, help="Which node's slice (0 .. nodes-1).")] = 0,
     nodes: Annotated[int, typer.Option(min=1, max=256, help="How many nodes the family is dealt to.")] = 4,
-    family: Annotated[str, typer.Option(help="hard or learnable (see the distillation benchmark).")] = "learnable",
+    family: Annotated[str, typer.Option(help="learnable or hard (see the distillation benchmark).")
+                      ] = _DEFAULTS.learn_task_family,
     per_category: Annotated[int, typer.Option(min=1, max=10_000, help="Examples of each category in all.")] = 80,
     dirichlet: Annotated[float, typer.Option(min=0.01, help="Skew of the slices: smaller, more skewed.")] = 0.5,
     seed: Annotated[int, typer.Option(help="The same seed gives every node a slice of the same deal.")] = 0,

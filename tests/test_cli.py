@@ -270,12 +270,15 @@ def test_example_data_deals_each_node_its_slice_of_one_family(tmp_path: Path):
         out = tmp_path / f"node{node}.jsonl"
         result = cli("example-data", str(out), "--node", str(node), "--nodes", "3", "--seed", "5")
         assert result.returncode == 0, result.stderr
-        assert f"examples to {out}" in result.stdout and 'learn_task_family = "learnable"' in result.stdout
+        # The daemon's own family: nothing to configure.
+        assert f"examples to {out}" in result.stdout and "learn_task_family" not in result.stdout
         slices.append(tasks.load_jsonl(out))
     # Every example of the deal once, each node a skewed share: what `learn --data` reads.
     dealt = sorted(e.prompt for s in slices for e in s)
     assert dealt == sorted(e.prompt for e in tasks.public_validation(80, seed=5, family="learnable"))
     assert all(tasks.category_of(e.prompt) == e.category for s in slices for e in s)
+    result = cli("example-data", str(tmp_path / "hard.jsonl"), "--family", "hard")
+    assert result.returncode == 0 and 'learn_task_family = "hard"' in result.stdout
     assert_one_line_error(cli("example-data", str(tmp_path / "x"), "--node", "3", "--nodes", "3"), "--node")
     assert_one_line_error(cli("example-data", str(tmp_path / "x"), "--family", "easy"), "hard, learnable")
     assert_one_line_error(cli("example-data", str(tmp_path / "no" / "x.jsonl")), "cannot write")

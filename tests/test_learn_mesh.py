@@ -25,6 +25,7 @@ from knexa.node.engine import GenerationRequest, SamplingParams
 from knexa.node.learn import tasks
 from knexa.node.learn.errors import LearnError
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, next_plan, transfer_seed_of
+from knexa.node.learn.settings import LearnSettings
 from knexa.node.learn.wire import METHOD_TRANSFER, TRANSFER_TOPIC, TransferCall, TransferReply, TransferSet
 from tests.conftest import p2p_addr, running_daemon, wait_for
 from tests.crdt_helpers import KEY_PAIRS
@@ -206,7 +207,8 @@ async def test_hostile_transfers_and_rewards_are_refused_and_a_dead_matchmaker_i
 
         # A transfer from a node that is not this student's teacher (answering the round's public prompts).
         plan, pair, student, teacher, impostor = cast()
-        public = tasks.transfer_set(LEARN["learn_transfer_prompts"], transfer_seed_of(plan.round_no))
+        public = tasks.transfer_set(LEARN["learn_transfer_prompts"], transfer_seed_of(plan.round_no),
+                                    LearnSettings.task_family)
         payload = signed(impostor, student, TransferSet(plan.round_no, impostor.peer_id, student.peer_id,
                                                         ((public[0], "2"),)))
         with pytest.raises(RpcError) as caught:
