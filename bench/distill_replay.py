@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from distill_pairs import matching_values, pair_table
 
-from knexa.node.learn.linucb import Candidate, RewardScaler, lead_prior, new_bandit, profile_vector
+from knexa.node.learn.linucb import DEFAULT_BETA0, Candidate, RewardScaler, lead_prior, new_bandit, profile_vector
 from knexa.node.learn.rounds import MatchmakerState, RewardReport, close_round, next_plan
 
 MEASURES = ("live", "shadow")
@@ -43,25 +43,25 @@ def candidates_of(result: dict) -> list[Candidate]:
             for i, t in sorted(result["teachers"].items(), key=lambda item: int(item[0]))]
 
 
-def initial_state(prior_weight: float) -> MatchmakerState:
+def initial_state(prior_weight: float, beta0: float = DEFAULT_BETA0) -> MatchmakerState:
     """The daemon's first state; with `prior_weight` > 0, its prior on the lead terms held as firmly as that
-    many unit observations (an experiment: the daemon's prior weighs only lambda)."""
-    state = MatchmakerState.initial()
+    many unit observations (an experiment: the daemon's prior weighs only lambda), and exploring with `beta0`."""
+    bandit = new_bandit()
     if prior_weight > 0:
-        bandit, prior = new_bandit(), lead_prior()
+        prior = lead_prior()
         bandit.A = bandit.A + prior_weight * np.diag((prior > 0).astype(float))
         bandit.b = bandit.A @ prior
-        state = MatchmakerState(0, bandit, RewardScaler())
-    return state
+    bandit.beta0 = beta0
+    return MatchmakerState(0, bandit, RewardScaler())
 
 
 def replay(result: dict, rounds: int, noise: float, rng: random.Random,
-           prior_weight: float = 0.0) -> list[frozenset[frozenset[int]]]:
+           prior_weight: float = 0.0, beta0: float = DEFAULT_BETA0) -> list[frozenset[frozenset[int]]]:
     """The matching the daemon's round code picks in each of `rounds` rounds, fed the measured drops."""
     table = pair_table(result)
     spread = statistics.pstdev(p["loss_drop"] for p in result["pairs"])
     candidates = candidates_of(result)
-    state = initial_state(prior_weight)
+    state = initial_state(prior_weight, beta0)
     chosen = []
     for _ in range(rounds):
         state = next_plan(state, candidates, "replay", 0, 1.0)
@@ -81,12 +81,13 @@ def replay(result: dict, rounds: int, noise: float, rng: random.Random,
     return chosen
 
 
-def seed_report(result: dict, rounds: int, noise: float, repeats: int, prior_weight: float = 0.0) -> dict:
+def seed_report(result: dict, rounds: int, noise: float, repeats: int, prior_weight: float = 0.0,
+                beta0: float = DEFAULT_BETA0) -> dict:
     table = pair_table(result)
     values = {measure: {frozenset(m): v for m, v in matching_values(result, measure).items()}
               for measure in MEASURES}
     by_drop = max(values["live"], key=lambda m: sum(table[pair]["loss_drop"] for pair in m))
-    runs = [replay(result, rounds, noise, random.Random(repeat), prior_weight) for repeat in range(repeats)]
+    runs = [replay(result, rounds, noise, random.Random(repeat), prior_weight, beta0) for repeat in range(repeats)]
     report: dict = {"seed": result["seed"], "matchings": len(values["live"])}
     for measure in MEASURES:
         v = values[measure]
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--prior-weight", type=float, default=0.0,
                         help="hold the prior on the lead terms as firmly as this many observations (default: "
                              "the daemon's, lambda alone)")
+    parser.add_argument("--beta0", type=float, default=DEFAULT_BETA0,
+                        help=f"exploration width beta0 (default: the daemon's, {DEFAULT_BETA0})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     results = [seed for path in args.results for seed in json.loads(path.read_text())["seeds"]]
@@ -143,7 +146,7 @@ def main() -> None:
           f"{args.repeats} noise draws each")
     out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "noise": {}}
     for noise in args.noise:
-        reports = [seed_report(r, args.rounds, noise, args.repeats if noise else 1, args.prior_weight)
+        reports = [seed_report(r, args.rounds, noise, args.repeats if noise else 1, args.prior_weight, args.beta0)
                    for r in results]
         out["noise"][str(noise)] = {"seeds": reports, "mean": print_report(reports, args.rounds, noise)}
     if args.json:
