@@ -46,12 +46,11 @@ def candidates_of(result: dict) -> list[Candidate]:
 def initial_state(prior_weight: float, beta0: float = DEFAULT_BETA0) -> MatchmakerState:
     """The daemon's first state; with `prior_weight` > 0, its prior on the lead terms held as firmly as that
     many unit observations (an experiment: the daemon's prior weighs only lambda), and exploring with `beta0`."""
-    bandit = new_bandit()
+    bandit = new_bandit(beta0=beta0)
     if prior_weight > 0:
         prior = lead_prior()
         bandit.A = bandit.A + prior_weight * np.diag((prior > 0).astype(float))
         bandit.b = bandit.A @ prior
-    bandit.beta0 = beta0
     return MatchmakerState(0, bandit, RewardScaler())
 
 
@@ -137,6 +136,8 @@ def main() -> None:
                         help=f"exploration width beta0 (default: the daemon's, {DEFAULT_BETA0})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+    if not args.beta0 >= 0:
+        parser.error("--beta0 must be 0 or more")
     results = [seed for path in args.results for seed in json.loads(path.read_text())["seeds"]]
     missing = [r["seed"] for r in results if "teachers" not in r or not r["pairs"]]
     if missing:

@@ -168,8 +168,8 @@ def lead_prior(categories: Sequence[str] = CATEGORIES) -> np.ndarray:
     return np.concatenate([np.zeros(2 * node_dim(categories)), np.ones(len(categories))])
 
 
-def new_bandit(categories: Sequence[str] = CATEGORIES) -> LinUCB:
-    return LinUCB(pair_dim(categories), prior_mean=lead_prior(categories))
+def new_bandit(categories: Sequence[str] = CATEGORIES, beta0: float = DEFAULT_BETA0) -> LinUCB:
+    return LinUCB(pair_dim(categories), beta0=beta0, prior_mean=lead_prior(categories))
 
 
 @dataclass(frozen=True)
