@@ -310,9 +310,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(two-number sums, word reversal, day offsets), 'learnable' only tasks it does")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--public-val", type=int, default=4,
-                        help="shared validation examples per category added to every agent's own (default 4, "
-                        "as the daemon's learn_public_validation)")
+    parser.add_argument("--public-val", type=int, default=LearnSettings.public_validation,
+                        help="shared validation examples per category added to every agent's own (default "
+                        f"{LearnSettings.public_validation}, as the daemon's learn_public_validation)")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the engine's, all cores but one)")
