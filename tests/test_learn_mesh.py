@@ -134,7 +134,8 @@ async def test_a_round_runs_while_serving_and_nothing_private_goes_on_the_wire(t
             assert response.status_code == 200, response.text
             assert response.json()["phase"] == "enrolled"
             # Toy data of the task family: the shared validation set sits beside the node's own split.
-            assert response.json()["examples"]["shared_validation"] == 4 * 4
+            assert response.json()["examples"]["shared_validation"] == LearnSettings.public_validation * len(
+                tasks.CATEGORIES)
             skills = response.json()["skills"]
             assert skills and dict(daemon.own_profile().skills).items() >= skills.items()  # in its profile
         await wait_for(lambda: busy.learn.phase == "enrolled", 120)
